@@ -1,0 +1,140 @@
+"""Batched image preprocessing and augmentation, on whole uint8 batches on the training device.
+
+No per-image Python: each transform draws its random numbers for the whole batch from one generator
+(so the seed fixes every augmentation), then applies them with a single tensor op.
+
+Keras semantics where the practice used Keras (ImageDataGenerator):
+- zoom_range=z: zoom factors for x and y drawn independently from U[1-z, 1+z]; a factor > 1 samples a
+  larger area (the image shrinks), < 1 magnifies. Bilinear interpolation (Keras's interpolation_order=1)
+  and fill_mode='nearest' (edge pixels repeated) -> grid_sample(bilinear, padding_mode='border').
+- horizontal_flip: each image mirrored with probability 0.5.
+- featurewise_center + featurewise_std_normalization: x = (x - mean) / (std + 1e-6), per channel,
+  with mean and std fitted on the training split only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.config import AugmentConfig
+
+
+class Normalizer:
+    """Maps uint8 batches to float: x/255, then (x - mean) / (std + 1e-6) when fitted or given."""
+
+    def __init__(self, mean=None, std=None):
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+
+    @classmethod
+    def fit(cls, x_uint8: torch.Tensor, chunk: int = 4096) -> "Normalizer":
+        """Per-channel mean and std of x/255 over all pixels (float64 sums, chunked to bound memory)."""
+        s = torch.zeros(3, dtype=torch.float64)
+        s2 = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, len(x_uint8), chunk):
+            b = x_uint8[i:i + chunk].to(torch.float64) / 255.0
+            s += b.sum(dim=(0, 2, 3)).cpu()
+            s2 += (b * b).sum(dim=(0, 2, 3)).cpu()
+        n = len(x_uint8) * x_uint8.shape[2] * x_uint8.shape[3]
+        mean = s / n
+        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+        return cls(mean.float(), std.float())
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = x_uint8.float().div_(255.0)
+        if self.mean is not None:
+            mean = self.mean.to(x.device).view(1, -1, 1, 1)
+            std = self.std.to(x.device).view(1, -1, 1, 1)
+            x = (x - mean) / (std + 1e-6)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"mean": None if self.mean is None else self.mean.tolist(),
+                "std": None if self.std is None else self.std.tolist()}
+
+
+def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def zoom(x: torch.Tensor, z: float, gen: torch.Generator) -> torch.Tensor:
+    """Keras zoom_range=z on a float batch: independent x/y factors in [1-z, 1+z], centred, edge fill."""
+    n = len(x)
+    f = torch.empty(n, 2, device=gen.device).uniform_(1 - z, 1 + z, generator=gen).to(x.device)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = f[:, 0]
+    theta[:, 1, 1] = f[:, 1]
+    # align_corners=True: -1/+1 are the centres of the edge pixels, as in Keras's centred affine transform.
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Reflect-pad by `pad` then crop back at a random offset per image (one gather for the batch)."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=gen.device).to(x.device)
+    rows = (off[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    cols = (off[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return xp.gather(2, rows).gather(3, cols)
+
+
+def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.Generator,
+                        flip: bool = False) -> torch.Tensor:
+    """Inception-style crop (area in [min_scale, 1], aspect in [3/4, 4/3]) resized to out x out, batched,
+    with an optional random horizontal flip folded into the same affine sample."""
+    n = len(x)
+    dev = gen.device
+    area = torch.empty(n, device=dev).uniform_(min_scale, 1.0, generator=gen)
+    logr = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    ratio = logr.exp()
+    sw = (area * ratio).sqrt().clamp(max=1.0)          # crop width / image width
+    sh = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, device=dev, generator=gen) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, device=dev, generator=gen) * 2 - 1) * (1 - sh)
+    sign = torch.where(torch.rand(n, device=dev, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = sw * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def center_crop(x: torch.Tensor, fraction: float, out: int) -> torch.Tensor:
+    """Evaluation view of a large image: the central `fraction` of it, resized to out x out."""
+    h = x.shape[2]
+    c = max(1, round(h * fraction))
+    top = (h - c) // 2
+    x = x[:, :, top:top + c, top:top + c]
+    if c != out:
+        x = F.interpolate(x, size=(out, out), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+class Augmenter:
+    """The training-time transform of a config's [augment] table, applied to a float batch."""
+
+    def __init__(self, cfg: AugmentConfig, out_size: int | None = None):
+        self.cfg = cfg
+        self.out_size = out_size
+
+    @property
+    def active(self) -> bool:
+        c = self.cfg
+        return bool(c.zoom or c.hflip or c.crop_padding or c.random_resized_crop)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        if c.random_resized_crop:
+            return random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, flip=c.hflip)
+        if c.crop_padding:
+            x = random_crop(x, c.crop_padding, gen)
+        if c.zoom:
+            x = zoom(x, c.zoom, gen)
+        if c.hflip:
+            x = hflip(x, gen)
+        return x

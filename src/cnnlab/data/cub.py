@@ -1,0 +1,1 @@
+"""Caltech-UCSD Birds (placeholder; filled in by the transfer-learning work)."""

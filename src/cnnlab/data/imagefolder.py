@@ -1,0 +1,49 @@
+"""A user's own images: root/{train,test}/<class>/<image>, decoded once into the uint8 cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab.config import DataConfig
+from cnnlab.data import register_source
+from cnnlab.data.images import decode_cached, list_images
+from cnnlab.errors import DataError
+
+
+def _scan(split_dir: Path, classes: list[str], cap: int, keep_classes: set[int] | None):
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        if keep_classes is not None and k not in keep_classes:
+            continue
+        files = list_images(split_dir / c) if (split_dir / c).is_dir() else []
+        if cap:
+            files = files[:cap]   # first N per class, in file-name order
+        paths += files
+        labels += [k] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+@register_source("imagefolder")
+def imagefolder(cfg: DataConfig, quiet: bool = False):
+    if not cfg.data_dir:
+        raise DataError("[data] source = 'imagefolder' needs data_dir = the folder holding train/ and test/")
+    root = Path(cfg.data_dir).expanduser()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"imagefolder: {root / split} not found; expected {root}/train/<class>/<image> "
+                            f"and {root}/test/<class>/<image>")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"imagefolder: no class folders in {root / 'train'}")
+    # Scan only the selected classes and cap early: no need to decode images that will be dropped.
+    from cnnlab.data import resolve_classes
+    keep = set(resolve_classes(cfg.classes, classes, "imagefolder"))
+    out = []
+    for split, cap in (("train", cfg.max_train_per_class), ("test", cfg.max_test_per_class)):
+        paths, labels = _scan(root / split, classes, cap, keep)
+        if not paths:
+            raise DataError(f"imagefolder: no images found under {root / split}")
+        x, kept = decode_cached(paths, cfg.image_size, cfg.skip_corrupt, f"imagefolder {root / split}", quiet)
+        out += [x, labels[kept]]
+    return out[0], out[1], out[2], out[3], classes

@@ -1,0 +1,19 @@
+"""One exception type for every problem a user can fix: bad config, missing data, bad checkpoint.
+
+The CLI turns it into a single line on stderr and exit code 2, never a traceback."""
+
+
+class CnnlabError(Exception):
+    """An error the user can act on. The message names the thing and how to fix it."""
+
+
+class ConfigError(CnnlabError):
+    """A config value that is unknown, of the wrong type, or out of range."""
+
+
+class DataError(CnnlabError):
+    """A data set that is missing, corrupt or not in the expected layout."""
+
+
+class CheckpointError(CnnlabError):
+    """A checkpoint that cannot be loaded into this model/config."""
