@@ -40,6 +40,7 @@ class ModelConfig:
     name: str = "basenet"             # a registered model (`cnnlab models`), a timm/torchvision name, or pkg.mod:fn
     weights: str = ""                 # backbones: "" (default pretrained tag), a tag, a local file, or "none"
     head: list = field(default_factory=list)    # hidden sizes of the dense head on a backbone, e.g. [400]
+    input_size: int = 0               # backbones: image size the network sees (0 = the weights' default, e.g. 224)
     args: dict = field(default_factory=dict)    # extra keyword arguments for the model function
 
 
@@ -251,6 +252,9 @@ def validate(cfg: Config, where: str) -> None:
     _choice(d.val_split, ("stratified", "random", "last", "first"), w, "val_split")
     _check(d.max_train_per_class >= 0 and d.max_test_per_class >= 0, w, "max_train_per_class", "must be >= 0")
     _check(d.image_size >= 0, w, "image_size", "must be >= 0")
+    _check(cfg.model.input_size >= 0, f"{where}: [model]", "input_size", "must be >= 0")
+    _check(all(isinstance(h, int) and h > 0 for h in cfg.model.head), f"{where}: [model]", "head",
+           "must list positive layer sizes, e.g. [400]")
     if isinstance(d.classes, int):
         _check(d.classes >= 0, w, "classes", "must be >= 0 (0 = all classes) or a list")
     else:

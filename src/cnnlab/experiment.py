@@ -4,22 +4,23 @@ This is the only place that sees the whole Config; it hands each part its own ta
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cnnlab.augment import Augmenter, Normalizer
 from cnnlab.callbacks import EarlyStopping
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
-from cnnlab.engine import Batches, Trainer, fit, resolve_device
+from cnnlab.engine import Batches, FitResult, Trainer, fit, resolve_device, use_bf16
 from cnnlab.errors import ConfigError
 from cnnlab.models import count_params, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
-from cnnlab.runs import RunFolder, environment, load_checkpoint, save_checkpoint
+from cnnlab.runs import RunFolder, environment, load_checkpoint, save_checkpoint, write_json
 
 
 @dataclass
@@ -35,9 +36,9 @@ def prepare_splits(ds: Dataset, cfg: DataConfig, normalize: str, seed: int, devi
     """Hold out validation, fit the normalizer on the training split only, move everything to the device."""
     tr, va = split_train_val(ds.y_train, cfg.val_fraction, cfg.val_split, seed)
     x_tr = ds.x_train[tr]
-    if normalize == "featurewise":
+    if normalize == "featurewise" and x_tr.dtype == torch.uint8:
         norm = Normalizer.fit(x_tr)
-    elif normalize == "backbone":
+    elif normalize == "backbone" or backbone_norm is not None:
         norm = backbone_norm or Normalizer()
     else:
         norm = Normalizer()
@@ -62,10 +63,16 @@ class DataCache:
         return self._cache[key]
 
 
-def check_sizes(cfg: Config, splits: Splits, source: str) -> None:
-    if cfg.train.batch_size > len(splits.train):
-        raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
-                          f"split ({len(splits.train)} images); lower it")
+def frozen_features(cfg: Config, model: nn.Module, norm: Normalizer, size: int, ds: Dataset,
+                    device: torch.device, quiet: bool) -> tuple[Dataset, dict]:
+    """Replace images by the frozen backbone's cached features; returns the feature data set and cache info."""
+    from cnnlab.features import cached_features, weights_fingerprint
+    ident = {"backbone": cfg.model.name, "weights": weights_fingerprint(model.backbone)}
+    bf16 = use_bf16(cfg.train.precision, device)
+    args = (norm, size, cfg.augment.eval_crop, device, bf16)
+    f_tr, hit_tr = cached_features(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train", quiet=quiet)
+    f_te, hit_te = cached_features(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test", quiet=quiet)
+    return Dataset(f_tr, ds.y_train, f_te, ds.y_test, ds.classes, ds.name), {"features_from_cache": hit_tr and hit_te}
 
 
 def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>", progress: str = "bar",
@@ -76,28 +83,36 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
     quiet = progress != "bar"
     ds = (data_cache or DataCache()).get(cfg.data, quiet)
     torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
-    model, backbone_norm, image_size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1], cfg.train)
+    model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1], cfg.train)
+    table = summary(model, (3, size, size))
+    extra = {}
+    trained = model
+    if cfg.train.freeze_backbone:
+        if not hasattr(model, "backbone"):
+            raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {cfg.model.name!r}")
+        ds, extra = frozen_features(cfg, model, backbone_norm, size, ds, device, quiet)
+        trained, backbone_norm = model.head, None
     splits = prepare_splits(ds, cfg.data, cfg.train.normalize, cfg.seed, device, backbone_norm)
-    check_sizes(cfg, splits, source)
+    if cfg.train.batch_size > len(splits.train):
+        raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
+                          f"split ({len(splits.train)} images); lower it")
 
     run = resume or RunFolder.create(runs_dir, folder_prefix + cfg.name)
-    table = summary(model, (3, image_size, image_size)) if image_size else str(model)
     if not resume:
         run.write_config(to_dict(cfg))
         run.write_text("summary.txt", table + "\n")
-        from cnnlab.runs import write_json
-        write_json(run.path / "meta.json", {**environment(device, argv), "data": ds.describe(),
+        write_json(run.path / "meta.json", {**environment(device, argv), "data": ds.describe(), "source": source,
                                             "params": count_params(model), "normalizer": splits.normalizer.state_dict()})
     if progress == "bar":
-        print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val  -> {run.path}")
+        print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {run.path}")
         print(table)
 
-    es = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping.enabled else None
-    trainer = Trainer(model, cfg.train, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, image_size),
-                      image_size=image_size if ds.x_train.shape[-1] != image_size else None,
-                      eval_crop=cfg.augment.eval_crop, early_stopping=es)
-    if resume:
-        trainer.load_state_dict(load_checkpoint(run.checkpoints / "last.pt", map_location=device))
+    view = size if ds.x_train.ndim == 4 and ds.x_train.shape[-1] != size else None
+
+    def make_trainer(net: nn.Module, epochs_cfg) -> Trainer:
+        es = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping.enabled else None
+        return Trainer(net, epochs_cfg, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
+                       image_size=view, eval_crop=cfg.augment.eval_crop, early_stopping=es)
 
     def on_epoch_end(tr: Trainer, logs: dict, is_best: bool) -> None:
         run.write_history(tr.history)
@@ -106,34 +121,63 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         if tr.epoch % cfg.train.checkpoint_every == 0 or tr.epoch == cfg.train.epochs:
             save_checkpoint(run.checkpoints / "last.pt", tr.state_dict())
 
-    t0 = time.perf_counter()
-    result = fit(trainer, splits.train, splits.val, cfg.train.epochs, on_epoch_end, progress, label=cfg.name)
-    train_seconds = time.perf_counter() - t0
+    trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device)
     test_loss, test_acc = (float("nan"), float("nan")) if result.diverged else trainer.evaluate(splits.test)
+    _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
+    return run
+
+
+def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, device) -> tuple[Trainer, FitResult]:
+    """Plain training, or for fine-tuning: the head alone first (backbone frozen), then everything."""
+    head_epochs = cfg.train.head_epochs if hasattr(net, "set_backbone_trainable") else 0
+    history: list[dict] = []
+    if head_epochs and not resume:
+        net.set_backbone_trainable(False)
+        head_cfg = _replace(cfg.train, epochs=head_epochs, backbone_lr_mult=1.0)
+        t = make_trainer(net, head_cfg)
+        t.early_stopping = None
+        fit(t, splits.train, splits.val, head_epochs, on_epoch_end, progress, label=f"{cfg.name} [head]")
+        net.set_backbone_trainable(True)
+        history = t.history
+    trainer = make_trainer(net, cfg.train)
+    trainer.history, trainer.epoch = list(history), len(history)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(run.checkpoints / "last.pt", map_location=device))
+    result = fit(trainer, splits.train, splits.val, cfg.train.epochs, on_epoch_end, progress, label=cfg.name)
+    return trainer, result
+
+
+def _replace(train_cfg, **changes):
+    return dataclasses.replace(train_cfg, **changes)
+
+
+def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, splits: Splits,
+            test_loss: float, test_acc: float, extra: dict, progress: str) -> None:
     seconds = sum(h["seconds"] for h in trainer.history)
     results = {"name": cfg.name, "status": "diverged" if result.diverged else "ok",
                "test_loss": test_loss, "test_accuracy": test_acc,
                "epochs_run": trainer.epoch, "epochs_max": cfg.train.epochs, "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "restored_best_weights": result.restored_best,
                "batch_size": cfg.train.batch_size, "optimizer": cfg.train.optimizer, "model": cfg.model.name,
-               "seconds": round(seconds, 3), "wall_seconds_this_process": round(train_seconds, 3),
+               "seconds": round(seconds, 3),
                "train_images_per_second": round(len(splits.train) * trainer.epoch / max(seconds, 1e-9), 1),
                "seed": cfg.seed, "label": cfg.report.label or cfg.name,
                "reference_accuracy": _nan_none(cfg.report.reference_accuracy),
-               "reference_loss": _nan_none(cfg.report.reference_loss)}
+               "reference_loss": _nan_none(cfg.report.reference_loss), **extra}
     if result.diverged:
         results["reason"] = f"loss became {trainer.history[-1]['loss']} at epoch {trainer.epoch}; lower [train] lr"
     run.write_results(results)
     if trainer.history:
         plot_curves(trainer.history, run.path, cfg.report.label or cfg.name)
-    if progress != "none":
-        if result.diverged:
-            print(f"!! {cfg.name}: DIVERGED ({results['reason']})")
-        else:
-            print(f"== {cfg.name}: test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
-                  f"({trainer.epoch} epochs, {seconds:.1f}s)  -> {run.path}")
-    return run
+    if progress == "none":
+        return
+    if result.diverged:
+        print(f"!! {cfg.name}: DIVERGED ({results['reason']})")
+    else:
+        print(f"== {cfg.name}: test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
+              f"({trainer.epoch} epochs, {seconds:.1f}s)  -> {run.path}")
 
 
 def _nan_none(v: float) -> float | None:
     return None if v != v else v
+

@@ -30,9 +30,9 @@ class Dataset:
         return len(self.classes)
 
     def describe(self) -> str:
-        h, w = self.x_train.shape[2:]
+        shape = "x".join(map(str, self.x_train.shape[2:])) if self.x_train.ndim == 4 else f"{self.x_train.shape[1]} features"
         return (f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, "
-                f"{self.num_classes} classes, {h}x{w}")
+                f"{self.num_classes} classes, {shape}")
 
 
 # A source takes its DataConfig and returns (x_train, y_train, x_test, y_test, class_names) as numpy

@@ -1,0 +1,196 @@
+"""Pretrained backbones with a dense head, for transfer learning.
+
+[model] name picks the backbone:
+  - a timm model name ("resnet50", "convnext_tiny", ...), the default family;
+  - "tv:<name>" for a torchvision model ("tv:resnet50");
+  - "package.module:function" for your own function returning an nn.Module that maps images to
+    pooled feature vectors (N, D).
+[model] weights picks the weights:
+  - "" -> the backbone's default pretrained tag (timm downloads and caches it on first use);
+  - a tag ("tv_in1k", "a1_in1k"; for torchvision a weights enum name such as "IMAGENET1K_V1");
+  - a local file (.pth/.pt/.safetensors/.bin): the state dict of that architecture;
+  - "none": random initialisation.
+Each backbone brings its own input preprocessing (mean/std, input size) from its pretrained config.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnlab.augment import Normalizer
+from cnnlab.config import ModelConfig, TrainConfig
+from cnnlab.errors import CnnlabError, ConfigError
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TransferNet(nn.Module):
+    """backbone (images -> pooled features) followed by a dense head (features -> logits)."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, hidden: list[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = num_features
+        self.head = make_head(num_features, num_classes, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).flatten(1))
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        self.backbone.requires_grad_(trainable)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen backbone stays in eval mode: its BatchNorm statistics must not drift.
+        if mode and not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
+    def reset_classifier(self, num_classes: int, hidden: list[int] | None = None) -> None:
+        hidden = hidden if hidden is not None else [m.out_features for m in self.head if isinstance(m, nn.Linear)][:-1]
+        self.head = make_head(self.num_features, num_classes, hidden)
+
+
+def make_head(num_features: int, num_classes: int, hidden: list[int]) -> nn.Sequential:
+    """The practice's head by default: Dense(400, relu) -> Dense(classes); softmax lives in the loss."""
+    layers, d = [], num_features
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    layers.append(nn.Linear(d, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _is_file(weights: str) -> bool:
+    return weights.lower().endswith(WEIGHT_FILE_SUFFIXES) or Path(weights).expanduser().is_file()
+
+
+def _offline_error(name: str, e: Exception) -> CnnlabError:
+    return CnnlabError(
+        f"[model] weights: cannot get pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"On a machine with internet they are downloaded and cached on first use; offline, download the weights "
+        f"file elsewhere and set [model] weights = '/path/to/file.safetensors' (or .pth), or weights = 'none' for random.")
+
+
+def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]:
+    import timm
+    if not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"[model] name = {name!r} is not a cnnlab model, a timm model, 'tv:<torchvision model>' "
+                          f"or 'package.module:function'; `cnnlab models` lists cnnlab's")
+    kwargs: dict = {"num_classes": 0}     # num_classes=0: pooled features, no classifier
+    if weights == "none":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif _is_file(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CnnlabError(f"[model] weights = {weights!r}: file not found")
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CnnlabError(f"[model] weights = {weights!r} does not fit {name!r}: {str(e).splitlines()[0][:300]}") from None
+    else:
+        full = f"{name.split('.')[0]}.{weights}" if weights else name
+        try:
+            model = timm.create_model(full, pretrained=True, **kwargs)
+        except (RuntimeError, ValueError) as e:
+            if "Invalid pretrained tag" in str(e) or "Unknown model" in str(e):
+                tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")]
+                raise ConfigError(f"[model] weights = {weights!r} is not a pretrained tag of {name!r} "
+                                  f"(tags: {', '.join(tags[:12]) or 'none'})") from None
+            raise _offline_error(full, e) from None
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+            raise _offline_error(full, e) from None
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return model, Normalizer(cfg["mean"], cfg["std"]), int(cfg["input_size"][-1])
+
+
+def _torchvision_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]:
+    import torchvision
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise ConfigError(f"[model] name = 'tv:{name}' is not a torchvision model") from None
+    w = None
+    state = None
+    if weights == "":
+        w = enum.DEFAULT
+    elif weights != "none" and _is_file(weights):
+        state = _load_state(Path(weights).expanduser())
+    elif weights != "none":
+        try:
+            w = enum[weights]
+        except KeyError:
+            raise ConfigError(f"[model] weights = {weights!r} is not a weights name of tv:{name} "
+                              f"({', '.join(e.name for e in enum)})") from None
+    try:
+        model = torchvision.models.get_model(name, weights=w)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_error(f"tv:{name}", e) from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CnnlabError(f"[model] weights = {weights!r} does not fit tv:{name}: {str(e).splitlines()[0][:300]}") from None
+    for attr in ("fc", "classifier", "heads", "head"):
+        if hasattr(model, attr):
+            setattr(model, attr, nn.Identity())
+            break
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
+    if w is not None:
+        t = w.transforms()
+        mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
+    return model, Normalizer(mean, std), size
+
+
+def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, Normalizer, int]:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"[model] name = {spec!r}: cannot import {fn_name} from {mod_name} ({e})") from None
+    model = fn(**args)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"[model] name = {spec!r}: {fn_name}() returned {type(model).__name__}, not an nn.Module")
+    if weights not in ("", "none"):
+        try:
+            model.load_state_dict(_load_state(Path(weights).expanduser()))
+        except RuntimeError as e:
+            raise CnnlabError(f"[model] weights = {weights!r} does not fit {spec}: {str(e).splitlines()[0][:300]}") from None
+    return model, Normalizer(IMAGENET_MEAN, IMAGENET_STD), 224
+
+
+def _load_state(path: Path) -> dict:
+    if not path.is_file():
+        raise CnnlabError(f"[model] weights = '{path}': file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
+def create_backbone(name: str, weights: str = "", args: dict | None = None) -> tuple[nn.Module, int, Normalizer, int]:
+    """(feature extractor, feature size, its input normalizer, its input size)."""
+    if ":" in name and not name.startswith("tv:"):
+        model, norm, size = _custom_backbone(name, weights, args or {})
+    elif name.startswith("tv:"):
+        model, norm, size = _torchvision_backbone(name[3:], weights)
+    else:
+        model, norm, size = _timm_backbone(name, weights)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        num_features = model(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
+        model.train(was)
+    return model, num_features, norm, size
+
+
+def build_transfer_model(cfg: ModelConfig, num_classes: int, input_size: int, train: TrainConfig):
+    backbone, nf, norm, size = create_backbone(cfg.name, cfg.weights, cfg.args)
+    size = cfg.input_size or size
+    model = TransferNet(backbone, nf, num_classes, [int(h) for h in cfg.head])
+    return model, norm, size
