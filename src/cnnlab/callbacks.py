@@ -92,7 +92,8 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return {"wait": self.wait, "stopped_epoch": self.stopped_epoch, "best": float(self.best),
-                "best_epoch": self.best_epoch, "stop_training": self.stop_training}
+                "best_epoch": self.best_epoch, "stop_training": self.stop_training,
+                "best_weights": self.best_weights}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, RunInterrupted
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run one experiment from a config file or packaged config name")
-    p.add_argument("config", help="a TOML file, or a packaged config such as 'best' or 'practice/01_sgd20'")
+    p.add_argument("config", nargs="?", help="a TOML file, or a packaged config such as 'best' or 'practice/01_sgd20'")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last checkpoint")
+    _common(p)
+
+    p = sub.add_parser("rerun", help="run again exactly what a run folder records (its resolved config)")
+    p.add_argument("run_dir")
     _common(p)
 
     p = sub.add_parser("suite", help="run a suite of configs (e.g. 'practice') and write its report")
@@ -61,18 +66,60 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_run(a) -> int:
+def _load(path: Path, a) -> "Config":  # noqa: F821
     from cnnlab.config import load_config, read_toml
-    from cnnlab.configs import config_file, data_preset
-    from cnnlab.experiment import run_experiment
-    path = config_file(a.config)
+    from cnnlab.configs import data_preset
     preset = None
     if a.data:
         pp = data_preset(a.data)
         preset = (read_toml(pp), str(pp))
-    cfg = load_config(path, _overrides(a), preset)
-    run = run_experiment(cfg, a.runs_dir, source=str(path), progress="line" if a.quiet else "bar", argv=sys.argv)
+    return load_config(path, _overrides(a), preset)
+
+
+def _execute(cfg, a, source: str, resume=None) -> int:
+    from cnnlab.experiment import run_experiment
+    run = run_experiment(cfg, a.runs_dir, source=source, progress="line" if a.quiet else "bar", argv=sys.argv,
+                         resume=resume)
+    if run is None:        # a non-zero rank under torchrun: rank 0 reports
+        return 0
     return 0 if (run.read_results() or {}).get("status") == "ok" else 1
+
+
+def cmd_run(a) -> int:
+    from cnnlab.configs import config_file
+    if a.resume:
+        return cmd_resume(a)
+    if not a.config:
+        raise CnnlabError("run: give a config (file or packaged name), or --resume RUN_DIR")
+    path = config_file(a.config)
+    return _execute(_load(path, a), a, str(path))
+
+
+def _run_folder(path: str):
+    from cnnlab.runs import RunFolder
+    run = RunFolder(Path(path))
+    if not (run.path / "config.toml").is_file():
+        raise CnnlabError(f"{run.path}: not a run folder (no config.toml)")
+    return run
+
+
+def cmd_resume(a) -> int:
+    run = _run_folder(a.resume)
+    if (run.read_results() or {}).get("status") == "ok":
+        raise CnnlabError(f"{run.path}: this run already finished; nothing to resume")
+    if not (run.checkpoints / "last.pt").is_file():
+        raise CnnlabError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); "
+                          f"start it again with: cnnlab rerun {run.path}")
+    if a.overrides or a.data:
+        raise CnnlabError("--resume continues the run as recorded; --set/--data cannot change it (use cnnlab rerun)")
+    cfg = _load(run.path / "config.toml", a)
+    print(f"resuming {run.path} from its last checkpoint")
+    return _execute(cfg, a, str(run.path / "config.toml"), resume=run)
+
+
+def cmd_rerun(a) -> int:
+    run = _run_folder(a.run_dir)
+    return _execute(_load(run.path / "config.toml", a), a, str(run.path / "config.toml"))
 
 
 def cmd_suite(a) -> int:
@@ -113,8 +160,12 @@ def cmd_configs(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "suite": cmd_suite, "report": cmd_report, "models": cmd_models,
+        return {"run": cmd_run, "rerun": cmd_rerun, "suite": cmd_suite, "report": cmd_report, "models": cmd_models,
                 "configs": cmd_configs}[a.cmd](a)
+    except RunInterrupted as e:
+        print(f"\ncnnlab: interrupted; the last finished epoch is saved. Resume with: cnnlab run --resume {e.path}",
+              file=sys.stderr)
+        return 130
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

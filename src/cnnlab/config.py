@@ -59,7 +59,7 @@ class TrainConfig:
     schedule: str = "constant"        # constant | cosine | onecycle
     warmup_epochs: float = 0.0
     normalize: str = "none"           # none | featurewise (per-channel mean/std of the train split) | backbone
-    precision: str = "fp32"           # fp32 | bf16 | auto (bf16 where it is fast)
+    precision: str = "auto"           # auto (bf16 autocast on GPUs with bf16 and CPUs with AMX, else fp32) | fp32 | bf16
     channels_last: bool = True
     freeze_backbone: bool = False     # train only the head (features computed once and cached)
     head_epochs: int = 0              # fine-tuning: first train the head alone for this many epochs

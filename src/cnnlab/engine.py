@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 from cnnlab.augment import Augmenter, Normalizer, center_crop
 from cnnlab.callbacks import EarlyStopping, snapshot
 from cnnlab.config import TrainConfig
+from cnnlab import distributed
 
 
 # ---------------------------------------------------------------- devices and precision
 
 def resolve_device(name: str) -> torch.device:
+    name = distributed.device_for(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -114,11 +116,18 @@ class Trainer:
     image_size: int | None = None          # output size of training crops / evaluation views (large images)
     eval_crop: float = 1.0
     early_stopping: EarlyStopping | None = None
+    phase: str = "main"                    # "head" while fine-tuning trains the head alone
 
     def __post_init__(self):
         self.bf16 = use_bf16(self.cfg.precision, self.device)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
+        self.dist = distributed.info()
+        # Under torchrun, forward/backward go through DDP (gradient all-reduce); state stays on self.model.
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, self.cfg)
         # Separate streams of randomness, all from the one seed: shuffling (CPU), augmentation (device).
         self.shuffle_gen = torch.Generator().manual_seed(self.seed * 1000 + 1)
@@ -126,6 +135,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0                     # epochs completed
         self.history: list[dict] = []
+        self.best_value: float | None = None   # of the monitored metric, for checkpoints/best.pt
+        self.best_epoch: int | None = None     # 1-based
 
     # -- inputs
     def _prepare(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
@@ -139,12 +150,13 @@ class Trainer:
             xb = xb.contiguous(memory_format=self.memory_format)
         return xb
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
     # -- one epoch
     def train_epoch(self, data: Batches, epochs_total: int, bar=None) -> dict:
-        model, cfg, opt = self.model, self.cfg, self.optimizer
+        """One pass over the data. Under DDP every rank prepares the same global batch (same seed) and
+        computes its shard; the loss is the shard's sum / global batch size, so DDP's gradient average
+        equals the gradient of the global batch mean."""
+        model, cfg, opt, world = self.net, self.cfg, self.optimizer, self.dist.world
         model.train()
         n, bs = len(data), cfg.batch_size
         steps = math.ceil(n / bs)
@@ -161,20 +173,25 @@ class Trainer:
                     g["lr"] = cfg.lr * g["lr_mult"] * f
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = self._prepare(data.x[idx], train=True), data.y[idx]
+            if world > 1:
+                part = self.dist.shard(len(idx))
+                xb, yb = xb[part], yb[part]
             with autocast(self.device, self.bf16):
                 logits = model(xb)
-            loss = self._loss(logits, yb, cfg.label_smoothing)
+            loss_sum_b = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum")
+            loss = loss_sum_b * (world / len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             self.step += 1
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss_sum_b.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
             if bar is not None:
                 bar.update(len(idx))
                 if i % refresh == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        # One host sync per epoch.
+        # One host sync per epoch (plus one all_reduce under DDP).
+        distributed.all_reduce_sum(loss_sum, correct)
         return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "lr": cfg.lr * lr_factor(cfg, self.step - 1, total_steps, steps)}
 
     @torch.no_grad()
@@ -185,28 +202,36 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for i in range(0, len(data), self.cfg.eval_batch_size):
-            xb = self._prepare(data.x[i:i + self.cfg.eval_batch_size], train=False)
-            yb = data.y[i:i + self.cfg.eval_batch_size]
+        part = self.dist.shard(len(data))          # the whole split on a single process
+        x, y = data.x[part], data.y[part]
+        for i in range(0, len(y), self.cfg.eval_batch_size):
+            xb = self._prepare(x[i:i + self.cfg.eval_batch_size], train=False)
+            yb = y[i:i + self.cfg.eval_batch_size]
             with autocast(self.device, self.bf16):
                 logits = self.model(xb)
             loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
             correct += (logits.argmax(1) == yb).sum()
+        distributed.all_reduce_sum(loss_sum, correct)
         return loss_sum.item() / len(data), correct.item() / len(data)
 
     # -- state for checkpoints and resume
     def state_dict(self) -> dict:
+        """Everything needed to continue exactly where this epoch ended (see `cnnlab run --resume`)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "epoch": self.epoch, "history": self.history,
+                "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "shuffle_gen": self.shuffle_gen.get_state(), "aug_gen": self.aug_gen.get_state().cpu(),
+                "torch_rng": torch.get_rng_state(), "phase": self.phase,
                 "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.history = state["step"], state["epoch"], list(state["history"])
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.shuffle_gen.set_state(state["shuffle_gen"])
         self.aug_gen.set_state(state["aug_gen"].to(self.aug_gen.get_state().device))
+        torch.set_rng_state(state["torch_rng"])
         if self.early_stopping and state.get("early_stopping"):
             self.early_stopping.load_state_dict(state["early_stopping"])
 
@@ -230,7 +255,6 @@ def fit(trainer: Trainer, train: Batches, val: Batches, epochs: int, on_epoch_en
     es = trainer.early_stopping
     result = FitResult(trainer.history)
     monitor = es.monitor if es else ("val_accuracy" if len(val) else "accuracy")
-    best_value = None
     for epoch in range(trainer.epoch, epochs):
         t0 = time.perf_counter()
         bar = None
@@ -254,17 +278,17 @@ def fit(trainer: Trainer, train: Batches, val: Batches, epochs: int, on_epoch_en
             if on_epoch_end:
                 on_epoch_end(trainer, logs, False)
             break
-        value = logs.get(monitor)
-        better = value is not None and (best_value is None or
-                                        (value > best_value if monitor.endswith("accuracy") else value < best_value))
+        value, best = logs.get(monitor), trainer.best_value
+        better = value is not None and (best is None or (value > best if monitor.endswith("accuracy") else value < best))
         if better:
-            best_value, result.best_epoch = value, epoch + 1
+            trainer.best_value, trainer.best_epoch = value, epoch + 1
         stop = es.on_epoch_end(epoch, logs, lambda: snapshot(trainer.model)) if es else False
         if on_epoch_end:
             on_epoch_end(trainer, logs, better)
         if stop:
             result.stopped_early = True
             break
+    result.best_epoch = trainer.best_epoch
     if es and not result.diverged:
         weights = es.weights_to_restore(trainer.epoch - 1)
         if weights is not None:

@@ -17,3 +17,11 @@ class DataError(CnnlabError):
 
 class CheckpointError(CnnlabError):
     """A checkpoint that cannot be loaded into this model/config."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; carries the run folder so the CLI can say how to resume."""
+
+    def __init__(self, path):
+        super().__init__(str(path))
+        self.path = path

@@ -13,10 +13,11 @@ from torch import nn
 
 from cnnlab.augment import Augmenter, Normalizer
 from cnnlab.callbacks import EarlyStopping
+from cnnlab import distributed
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
 from cnnlab.engine import Batches, FitResult, Trainer, fit, resolve_device, use_bf16
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, RunInterrupted
 from cnnlab.models import count_params, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
@@ -78,7 +79,12 @@ def frozen_features(cfg: Config, model: nn.Module, norm: Normalizer, size: int, 
 def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>", progress: str = "bar",
                    data_cache: DataCache | None = None, argv: list[str] | None = None,
                    resume: RunFolder | None = None, folder_prefix: str = "") -> RunFolder:
-    """Run one config; returns its run folder (results.json has status ok or diverged)."""
+    """Run one config; returns its run folder (results.json has status ok or diverged).
+
+    Under torchrun every rank runs this; only rank 0 creates and writes the run folder.
+    """
+    main = distributed.init_from_env().is_main
+    progress = progress if main else "none"
     device = resolve_device(cfg.device)
     quiet = progress != "bar"
     ds = (data_cache or DataCache()).get(cfg.data, quiet)
@@ -97,12 +103,13 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
                           f"split ({len(splits.train)} images); lower it")
 
-    run = resume or RunFolder.create(runs_dir, folder_prefix + cfg.name)
-    if not resume:
+    run = resume or (RunFolder.create(runs_dir, folder_prefix + cfg.name) if main else None)
+    if main and not resume:
         run.write_config(to_dict(cfg))
         run.write_text("summary.txt", table + "\n")
         write_json(run.path / "meta.json", {**environment(device, argv), "data": ds.describe(), "source": source,
-                                            "params": count_params(model), "normalizer": splits.normalizer.state_dict()})
+                                            "world_size": distributed.info().world, "params": count_params(model),
+                                            "normalizer": splits.normalizer.state_dict()})
     if progress == "bar":
         print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {run.path}")
         print(table)
@@ -115,15 +122,21 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
                        image_size=view, eval_crop=cfg.augment.eval_crop, early_stopping=es)
 
     def on_epoch_end(tr: Trainer, logs: dict, is_best: bool) -> None:
+        if not main:
+            return
         run.write_history(tr.history)
         if is_best:
             save_checkpoint(run.checkpoints / "best.pt", {"model": tr.model.state_dict(), "epoch": tr.epoch})
         if tr.epoch % cfg.train.checkpoint_every == 0 or tr.epoch == cfg.train.epochs:
             save_checkpoint(run.checkpoints / "last.pt", tr.state_dict())
 
-    trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device)
+    try:
+        trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.path if run else "") from None
     test_loss, test_acc = (float("nan"), float("nan")) if result.diverged else trainer.evaluate(splits.test)
-    _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
+    if main:
+        _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
     return run
 
 
@@ -131,18 +144,21 @@ def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, 
     """Plain training, or for fine-tuning: the head alone first (backbone frozen), then everything."""
     head_epochs = cfg.train.head_epochs if hasattr(net, "set_backbone_trainable") else 0
     history: list[dict] = []
-    if head_epochs and not resume:
+    state = load_checkpoint(run.checkpoints / "last.pt", map_location=device) if resume else None
+    if state is not None and state.get("phase") == "head":
+        state = None          # killed while training the head alone: that short phase starts over
+    if head_epochs and state is None:
         net.set_backbone_trainable(False)
         head_cfg = _replace(cfg.train, epochs=head_epochs, backbone_lr_mult=1.0)
         t = make_trainer(net, head_cfg)
-        t.early_stopping = None
+        t.early_stopping, t.phase = None, "head"
         fit(t, splits.train, splits.val, head_epochs, on_epoch_end, progress, label=f"{cfg.name} [head]")
         net.set_backbone_trainable(True)
         history = t.history
     trainer = make_trainer(net, cfg.train)
     trainer.history, trainer.epoch = list(history), len(history)
-    if resume:
-        trainer.load_state_dict(load_checkpoint(run.checkpoints / "last.pt", map_location=device))
+    if state is not None:
+        trainer.load_state_dict(state)
     result = fit(trainer, splits.train, splits.val, cfg.train.epochs, on_epoch_end, progress, label=cfg.name)
     return trainer, result
 
