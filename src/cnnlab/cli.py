@@ -20,7 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding the data sets (default: $CNNLAB_DATA or ~/.cache/cnnlab/data)")
     p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: ./runs)")
     p.add_argument("--seed", type=int, help="shortcut for --set seed=N")
+    p.add_argument("--seeds", type=int, help="run each experiment with N seeds (seed, seed+1, ...): mean ± std and tests")
     p.add_argument("--device", help="shortcut for --set device=...; auto, cpu, cuda, cuda:N")
+    p.add_argument("--logger", action="append", choices=["tensorboard", "mlflow"], default=[],
+                   help="also log to TensorBoard or MLflow (repeatable; optional extras)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch (for logs)")
 
 
@@ -32,6 +35,10 @@ def _overrides(a: argparse.Namespace) -> list[str]:
         out.append(f"seed={a.seed}")
     if a.device:
         out.append(f"device={_toml_str(a.device)}")
+    if a.seeds is not None:
+        out.append(f"seeds={a.seeds}")
+    if a.logger:
+        out.append("tracking.loggers=[" + ", ".join(_toml_str(x) for x in dict.fromkeys(a.logger)) + "]")
     return out
 
 
@@ -53,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("suite", help="run a suite of configs (e.g. 'practice') and write its report")
-    p.add_argument("suite", help="a packaged suite name or a folder of TOML configs")
+    p.add_argument("suite", nargs="?", help="a packaged suite name or a folder of TOML configs")
     p.add_argument("--only", help="comma-separated row names to run")
+    p.add_argument("--resume", metavar="SUITE_DIR", help="continue a killed suite: finished rows are skipped")
     _common(p)
 
     p = sub.add_parser("report", help="(re)build the Markdown report of a suite or runs folder, without training")
@@ -77,12 +85,21 @@ def _load(path: Path, a) -> "Config":  # noqa: F821
 
 
 def _execute(cfg, a, source: str, resume=None) -> int:
+    import dataclasses
+
     from cnnlab.experiment import run_experiment
-    run = run_experiment(cfg, a.runs_dir, source=source, progress="line" if a.quiet else "bar", argv=sys.argv,
-                         resume=resume)
-    if run is None:        # a non-zero rank under torchrun: rank 0 reports
-        return 0
-    return 0 if (run.read_results() or {}).get("status") == "ok" else 1
+    status = []
+    for s in range(1 if resume else cfg.seeds):
+        run = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
+                             progress="line" if a.quiet else "bar", argv=sys.argv, resume=resume)
+        if run is None:        # a non-zero rank under torchrun: rank 0 reports
+            return 0
+        status.append(run.read_results() or {})
+    if len(status) > 1:
+        from cnnlab.report import _mean_std
+        print(f"== {cfg.name} over {len(status)} seeds: test accuracy "
+              f"{_mean_std([r.get('test_accuracy') for r in status if r.get('status') == 'ok'])}")
+    return 0 if all(r.get("status") == "ok" for r in status) else 1
 
 
 def cmd_run(a) -> int:
@@ -124,8 +141,12 @@ def cmd_rerun(a) -> int:
 
 def cmd_suite(a) -> int:
     from cnnlab.suite import run_suite
+    if not a.suite and not a.resume:
+        raise CnnlabError("suite: give a suite name or folder, or --resume SUITE_DIR")
     only = [s.strip() for s in a.only.split(",")] if a.only else None
-    _, failures = run_suite(a.suite, a.runs_dir, _overrides(a), a.data, only, "line" if a.quiet else "bar", sys.argv)
+    overrides = [o for o in _overrides(a) if not o.startswith("seeds=")]
+    _, failures = run_suite(a.suite, a.runs_dir, overrides, a.data, only, "line" if a.quiet else "bar", sys.argv,
+                            seeds=a.seeds, resume=a.resume)
     return 1 if failures else 0
 
 

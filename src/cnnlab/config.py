@@ -97,9 +97,16 @@ class ReportConfig:
 
 
 @dataclass
+class TrackingConfig:
+    loggers: list = field(default_factory=list)   # extra trackers besides the run folder: tensorboard, mlflow
+    mlflow_uri: str = ""              # "" -> $MLFLOW_TRACKING_URI, else a local store in <runs dir>/mlruns
+
+
+@dataclass
 class Config:
     name: str = "experiment"
     seed: int = 0
+    seeds: int = 1                    # run with seeds seed, seed+1, ... (the report gives mean ± std and tests)
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -107,6 +114,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # Field types are strings under postponed annotations; resolve them once.
@@ -245,6 +253,7 @@ def _choice(value: str, choices: tuple, where: str, key: str) -> None:
 def validate(cfg: Config, where: str) -> None:
     d, t, a, es = cfg.data, cfg.train, cfg.augment, cfg.early_stopping
     _check(cfg.seed >= 0, where, "seed", "must be >= 0")
+    _check(cfg.seeds >= 1, where, "seeds", "must be >= 1")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), where, "device",
            f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
     w = f"{where}: [data]"
@@ -286,6 +295,9 @@ def validate(cfg: Config, where: str) -> None:
     _check(a.crop_padding >= 0, w, "crop_padding", "must be >= 0")
     _check(0.0 < a.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")
     _check(0.0 < a.eval_crop <= 1.0, w, "eval_crop", "must be in (0, 1]")
+    for name in cfg.tracking.loggers:
+        _check(name in ("tensorboard", "mlflow"), f"{where}: [tracking]", "loggers",
+               f"lists {name!r}; choose among tensorboard, mlflow")
     w = f"{where}: [early_stopping]"
     _choice(es.mode, ("auto", "min", "max"), w, "mode")
     _check(es.patience >= 0, w, "patience", "must be >= 0")

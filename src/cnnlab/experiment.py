@@ -17,10 +17,11 @@ from cnnlab import distributed
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
 from cnnlab.engine import Batches, FitResult, Trainer, fit, resolve_device, use_bf16
-from cnnlab.errors import ConfigError, RunInterrupted
+from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
 from cnnlab.models import count_params, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
+from cnnlab.trackers import make_trackers
 from cnnlab.runs import RunFolder, environment, load_checkpoint, save_checkpoint, write_json
 
 
@@ -78,10 +79,13 @@ def frozen_features(cfg: Config, model: nn.Module, norm: Normalizer, size: int, 
 
 def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>", progress: str = "bar",
                    data_cache: DataCache | None = None, argv: list[str] | None = None,
-                   resume: RunFolder | None = None, folder_prefix: str = "") -> RunFolder:
+                   resume: RunFolder | None = None, folder: RunFolder | None = None,
+                   folder_prefix: str = "") -> RunFolder:
     """Run one config; returns its run folder (results.json has status ok or diverged).
 
-    Under torchrun every rank runs this; only rank 0 creates and writes the run folder.
+    resume: continue the run in that folder from its last checkpoint. folder: write a fresh run into this
+    (existing, empty) folder instead of a new one under runs_dir. Under torchrun every rank runs this;
+    only rank 0 creates and writes the run folder.
     """
     main = distributed.init_from_env().is_main
     progress = progress if main else "none"
@@ -103,7 +107,7 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
                           f"split ({len(splits.train)} images); lower it")
 
-    run = resume or (RunFolder.create(runs_dir, folder_prefix + cfg.name) if main else None)
+    run = resume or folder or (RunFolder.create(runs_dir, folder_prefix + cfg.name) if main else None)
     if main and not resume:
         run.write_config(to_dict(cfg))
         run.write_text("summary.txt", table + "\n")
@@ -114,6 +118,7 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {run.path}")
         print(table)
 
+    identity = checkpoint_identity(cfg, ds.num_classes)
     view = size if ds.x_train.ndim == 4 and ds.x_train.shape[-1] != size else None
 
     def make_trainer(net: nn.Module, epochs_cfg) -> Trainer:
@@ -121,30 +126,43 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         return Trainer(net, epochs_cfg, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
                        image_size=view, eval_crop=cfg.augment.eval_crop, early_stopping=es)
 
+    trackers = make_trackers(cfg.tracking.loggers, run.path, to_dict(cfg), cfg.tracking.mlflow_uri) if main else []
+
     def on_epoch_end(tr: Trainer, logs: dict, is_best: bool) -> None:
         if not main:
             return
         run.write_history(tr.history)
+        for t in trackers:
+            t.log_epoch(logs)
         if is_best:
             save_checkpoint(run.checkpoints / "best.pt", {"model": tr.model.state_dict(), "epoch": tr.epoch})
         if tr.epoch % cfg.train.checkpoint_every == 0 or tr.epoch == cfg.train.epochs:
-            save_checkpoint(run.checkpoints / "last.pt", tr.state_dict())
+            save_checkpoint(run.checkpoints / "last.pt", {**tr.state_dict(), "identity": identity})
 
     try:
-        trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device)
+        trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device,
+                                 identity)
     except KeyboardInterrupt:
         raise RunInterrupted(run.path if run else "") from None
     test_loss, test_acc = (float("nan"), float("nan")) if result.diverged else trainer.evaluate(splits.test)
     if main:
-        _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
+        results = _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
+        for t in trackers:
+            t.log_results(results, run.path)
+            t.close()
     return run
 
 
-def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, device) -> tuple[Trainer, FitResult]:
+def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, device,
+           identity) -> tuple[Trainer, FitResult]:
     """Plain training, or for fine-tuning: the head alone first (backbone frozen), then everything."""
     head_epochs = cfg.train.head_epochs if hasattr(net, "set_backbone_trainable") else 0
     history: list[dict] = []
-    state = load_checkpoint(run.checkpoints / "last.pt", map_location=device) if resume else None
+    state = None
+    if resume:
+        path = run.checkpoints / "last.pt"
+        state = load_checkpoint(path, map_location=device)
+        check_identity(path, state.get("identity"), identity)
     if state is not None and state.get("phase") == "head":
         state = None          # killed while training the head alone: that short phase starts over
     if head_epochs and state is None:
@@ -158,9 +176,26 @@ def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, 
     trainer = make_trainer(net, cfg.train)
     trainer.history, trainer.epoch = list(history), len(history)
     if state is not None:
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{run.checkpoints / 'last.pt'}: does not fit model {cfg.model.name!r} of config "
+                                  f"{cfg.name!r} ({str(e).splitlines()[0][:200]})") from None
     result = fit(trainer, splits.train, splits.val, cfg.train.epochs, on_epoch_end, progress, label=cfg.name)
     return trainer, result
+
+
+def checkpoint_identity(cfg: Config, num_classes: int) -> dict:
+    """What a checkpoint belongs to; compared on resume so a swapped file gives a clear error."""
+    return {"config": cfg.name, "model": cfg.model.name, "num_classes": num_classes,
+            "freeze_backbone": cfg.train.freeze_backbone}
+
+
+def check_identity(path: Path, found: dict | None, expected: dict) -> None:
+    if found is not None and found != expected:
+        raise CheckpointError(f"{path}: this checkpoint is from config {found.get('config')!r} (model "
+                              f"{found.get('model')!r}, {found.get('num_classes')} classes), but the run is config "
+                              f"{expected['config']!r} (model {expected['model']!r}, {expected['num_classes']} classes)")
 
 
 def _replace(train_cfg, **changes):
@@ -168,7 +203,7 @@ def _replace(train_cfg, **changes):
 
 
 def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, splits: Splits,
-            test_loss: float, test_acc: float, extra: dict, progress: str) -> None:
+            test_loss: float, test_acc: float, extra: dict, progress: str) -> dict:
     seconds = sum(h["seconds"] for h in trainer.history)
     results = {"name": cfg.name, "status": "diverged" if result.diverged else "ok",
                "test_loss": test_loss, "test_accuracy": test_acc,
@@ -185,13 +220,17 @@ def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, sp
     run.write_results(results)
     if trainer.history:
         plot_curves(trainer.history, run.path, cfg.report.label or cfg.name)
-    if progress == "none":
-        return
-    if result.diverged:
+    if progress != "none":
+        _say_result(cfg, results, trainer.epoch, seconds, run)
+    return results
+
+
+def _say_result(cfg: Config, results: dict, epochs: int, seconds: float, run: RunFolder) -> None:
+    if results["status"] == "diverged":
         print(f"!! {cfg.name}: DIVERGED ({results['reason']})")
     else:
-        print(f"== {cfg.name}: test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
-              f"({trainer.epoch} epochs, {seconds:.1f}s)  -> {run.path}")
+        print(f"== {cfg.name}: test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
+              f"({epochs} epochs, {seconds:.1f}s)  -> {run.path}")
 
 
 def _nan_none(v: float) -> float | None:

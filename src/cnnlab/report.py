@@ -74,6 +74,11 @@ def build_report(folder: Path, title: str = "") -> str:
     if failed:
         lines += ["", "## Rows that did not finish", ""]
         lines += [f"- **{name}**: {r.get('status')}: {r.get('reason', 'no reason recorded')}" for name, r in failed]
+    suite = folder / "suite.json"
+    compare = read_json(suite).get("compare", []) if suite.is_file() else []
+    if compare:
+        lines += ["", "## Is the difference larger than seed-to-seed noise?", ""]
+        lines += [f"- {line}" for line in compare_lines(dict(groups), compare)]
     total = sum(r.get("seconds", 0) or 0 for _, items in groups for _, r in items)
     lines += ["", f"Total training time: {total:.1f} s.", "", "## Curves", ""]
     for name, items in groups:
@@ -85,6 +90,50 @@ def build_report(folder: Path, title: str = "") -> str:
         else:
             lines += ["(no curves)", ""]
     return "\n".join(lines) + "\n"
+
+
+def compare_test(a: dict[int, float], b: dict[int, float]) -> tuple[str, float] | None:
+    """Test accuracies by seed for two rows -> (test name, p-value); None when either has < 2 seeds.
+
+    Paired t-test when both rows ran the same seeds (a seed fixes the split and the initial weights of
+    both, so the pairing removes that shared noise); Welch's t-test otherwise.
+    """
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if set(a) == set(b):
+        seeds = sorted(a)
+        diffs = [b[s] - a[s] for s in seeds]
+        if all(d == diffs[0] for d in diffs):      # identical differences: no variance to test against
+            return f"paired t-test, {len(seeds)} seeds", 0.0 if diffs[0] else 1.0
+        return f"paired t-test, {len(seeds)} seeds", float(stats.ttest_rel([b[s] for s in seeds], [a[s] for s in seeds]).pvalue)
+    return (f"Welch t-test, {len(a)} vs {len(b)} seeds",
+            float(stats.ttest_ind(list(b.values()), list(a.values()), equal_var=False).pvalue))
+
+
+def compare_lines(groups: dict, compare: list[dict], alpha: float = 0.05) -> list[str]:
+    out = []
+    for c in compare:
+        acc = {}
+        for key in ("a", "b"):
+            acc[key] = {r["seed"]: r["test_accuracy"] for _, r in groups.get(c[key], [])
+                        if r.get("status") == "ok" and r.get("test_accuracy") is not None}
+        label = c.get("label", f"{c['a']} vs {c['b']}")
+        if not acc["a"] or not acc["b"]:
+            out.append(f"**{label}**: not measured (a row is missing or failed).")
+            continue
+        ma, mb = statistics.mean(acc["a"].values()), statistics.mean(acc["b"].values())
+        head = f"**{label}**: {c['b']} − {c['a']} = {mb - ma:+.4f} test accuracy ({mb:.4f} vs {ma:.4f})"
+        test = compare_test(acc["a"], acc["b"])
+        if test is None:
+            out.append(f"{head}; one seed only, so this cannot be told apart from the random weights: "
+                       f"run with --seeds 3 or more.")
+            continue
+        name, p = test
+        verdict = ("larger than the seed-to-seed noise" if p < alpha
+                   else "not distinguishable from seed-to-seed noise")
+        out.append(f"{head}; {name}: p = {p:.3g}, {verdict} (at {alpha}).")
+    return out
 
 
 def _first_meta(groups) -> dict | None:

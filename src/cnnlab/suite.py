@@ -1,5 +1,10 @@
 """Suites: a folder of configs run in order into one folder, then one report.
 
+<suite folder>/suite.json records what was asked (suite, overrides, data preset, rows, seeds) and the
+comparisons to test; rows run into <suite folder>/rows/<NN>-<name>[-seed<S>]/. So a killed suite
+resumes (`cnnlab suite --resume FOLDER`: finished rows are skipped, an interrupted row continues from its
+checkpoint) and the report is rebuilt from the folder alone.
+
 A row that fails (bad config, missing data, divergence) is recorded with its reason; the other rows
 still run, the report marks it, and the suite's exit code says that something failed.
 """
@@ -9,59 +14,111 @@ import time
 import traceback
 from pathlib import Path
 
-from cnnlab.config import load_config, read_toml
+from cnnlab.config import Config, load_config, read_toml
 from cnnlab.configs import data_preset, suite_files
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, RunInterrupted
 from cnnlab.experiment import DataCache, run_experiment
 from cnnlab.report import write_report
-from cnnlab.runs import RunFolder
+from cnnlab.runs import RunFolder, read_json, write_json
+
+SUITE_FILE = "_suite.toml"      # optional, in a suite folder: [[compare]] a = "row", b = "row", label = "..."
 
 
-def run_suite(name: str, runs_dir: str | Path, overrides: list[str], data: str | None = None,
-              only: list[str] | None = None, progress: str = "bar", argv: list[str] | None = None) -> tuple[Path, int]:
-    """Run every row of a suite; returns (suite folder, number of rows that did not finish ok)."""
+def load_rows(name: str, overrides: list[str], data: str | None, only: list[str] | None) -> tuple[list, list[dict]]:
+    """[(config file, Config)] in run order, every row validated before any runs; and the comparisons."""
     files = suite_files(name)
     preset = None
     if data:
         p = data_preset(data)
         preset = (read_toml(p), str(p))
-    configs = [(f, load_config(f, overrides, preset)) for f in files]   # check every row before running any
+    rows = [(f, load_config(f, overrides, preset)) for f in files]
+    names = [c.name for _, c in rows]
+    if len(set(names)) != len(names):
+        raise CnnlabError(f"suite {name!r}: two rows share a name; names must be unique ({', '.join(names)})")
     if only:
-        unknown = set(only) - {c.name for _, c in configs}
+        unknown = set(only) - set(names)
         if unknown:
-            raise CnnlabError(f"--only: no row named {', '.join(sorted(unknown))} in suite {name!r} "
-                              f"(rows: {', '.join(c.name for _, c in configs)})")
-        configs = [(f, c) for f, c in configs if c.name in only]
-    folder = RunFolder.create(runs_dir, Path(name).name).path
-    cache, failures = DataCache(), 0
-    t0 = time.perf_counter()
-    for i, (f, cfg) in enumerate(configs, 1):
-        try:
-            run = run_experiment(cfg, folder / "rows", source=str(f), progress=progress, data_cache=cache, argv=argv,
-                                 folder_prefix=f"{i:02d}-")
-            if (run.read_results() or {}).get("status") != "ok":
-                failures += 1
-        except CnnlabError as e:
-            failures += 1
-            _record_failure(folder / "rows", f"{i:02d}-", cfg, str(e))
-            print(f"!! {cfg.name}: FAILED: {e}")
-        except Exception as e:  # noqa: BLE001 - one broken row must not take the suite down
-            failures += 1
-            _record_failure(folder / "rows", f"{i:02d}-", cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
-            print(f"!! {cfg.name}: FAILED: {type(e).__name__}: {e}")
+            raise CnnlabError(f"--only: no row named {', '.join(sorted(unknown))} in suite {name!r} (rows: {', '.join(names)})")
+        rows = [(f, c) for f, c in rows if c.name in only]
+    suite_toml = files[0].parent / SUITE_FILE
+    compare = read_toml(suite_toml).get("compare", []) if suite_toml.is_file() else []
+    for c in compare:
+        if not {"a", "b"} <= set(c) or c["a"] not in names or c["b"] not in names:
+            raise CnnlabError(f"{suite_toml}: each [[compare]] needs a and b naming rows of the suite; got {c}")
+    return rows, compare
+
+
+def run_suite(name: str, runs_dir: str | Path, overrides: list[str], data: str | None = None,
+              only: list[str] | None = None, progress: str = "bar", argv: list[str] | None = None,
+              seeds: int | None = None, resume: str | None = None) -> tuple[Path, int]:
+    """Run (or resume) every row of a suite; returns (suite folder, number of rows that did not finish ok)."""
+    if resume:
+        folder = Path(resume)
+        if not (folder / "suite.json").is_file():
+            raise CnnlabError(f"{folder}: not a suite folder (no suite.json)")
+        spec = read_json(folder / "suite.json")
+        name, overrides, data, only, seeds = spec["suite"], spec["overrides"], spec["data"], spec["only"], spec["seeds"]
+    rows, compare = load_rows(name, overrides, data, only)
+    seeds = seeds or max(c.seeds for _, c in rows)
+    if not resume:
+        folder = RunFolder.create(runs_dir, Path(name).name).path
+        write_json(folder / "suite.json", {"suite": name, "overrides": overrides, "data": data, "only": only,
+                                           "seeds": seeds, "rows": [c.name for _, c in rows], "compare": compare,
+                                           "command": argv})
+    cache, failures, t0 = DataCache(), 0, time.perf_counter()
+    for i, (f, cfg) in enumerate(rows, 1):
+        for s in range(seeds):
+            cfg_s = _with_seed(cfg, cfg.seed + s)
+            path = folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))
+            failures += not _run_row(cfg_s, f, path, progress, cache, argv)
     report = write_report(folder, title=f"cnnlab suite {name}")
-    print(f"\nsuite {name}: {len(configs) - failures}/{len(configs)} rows ok in {time.perf_counter() - t0:.1f}s; "
-          f"report: {report}")
+    n = len(rows) * seeds
+    print(f"\nsuite {name}: {n - failures}/{n} runs ok in {time.perf_counter() - t0:.1f}s; report: {report}")
     return folder, failures
 
 
-def _record_failure(runs_dir: Path, prefix: str, cfg, reason: str, tb: str | None = None) -> None:
-    run = RunFolder.create(runs_dir, prefix + cfg.name)
+def _with_seed(cfg: Config, seed: int) -> Config:
+    import dataclasses
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv) -> bool:
+    """Run one row into `path` (resuming or skipping what a previous attempt left); True when it ended ok."""
+    run = RunFolder(path)
+    previous = run.read_results() if path.is_dir() else None
+    if previous and previous.get("status") == "ok":
+        print(f"== {cfg.name} (seed {cfg.seed}): finished earlier, skipped")
+        return True
+    resume = (run.checkpoints / "last.pt").is_file() and not previous
+    if not resume and path.is_dir():
+        _clear(path)       # a failed or never-checkpointed attempt starts over
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        run = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
+                             argv=argv, resume=run if resume else None, folder=None if resume else run)
+        return (run.read_results() or {}).get("status") == "ok"
+    except RunInterrupted:
+        raise
+    except CnnlabError as e:
+        _record_failure(run, cfg, str(e))
+        print(f"!! {cfg.name}: FAILED: {e}")
+    except Exception as e:  # noqa: BLE001 - one broken row must not take the suite down
+        _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
+        print(f"!! {cfg.name}: FAILED: {type(e).__name__}: {e}")
+    return False
+
+
+def _clear(path: Path) -> None:
+    import shutil
+    shutil.rmtree(path)
+
+
+def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    ref = cfg.report.reference_accuracy
     run.write_results({"name": cfg.name, "label": cfg.report.label or cfg.name, "status": "failed", "reason": reason,
                        "model": cfg.model.name, "optimizer": cfg.train.optimizer, "batch_size": cfg.train.batch_size,
                        "epochs_max": cfg.train.epochs, "epochs_run": 0, "test_accuracy": None, "test_loss": None,
-                       "seconds": 0.0, "seed": cfg.seed,
-                       "reference_accuracy": None if cfg.report.reference_accuracy != cfg.report.reference_accuracy
-                       else cfg.report.reference_accuracy})
+                       "seconds": 0.0, "seed": cfg.seed, "reference_accuracy": None if ref != ref else ref})
     if tb:
         run.write_text("traceback.txt", tb)

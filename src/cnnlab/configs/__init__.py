@@ -21,7 +21,7 @@ def suite_files(name_or_dir: str) -> list[Path]:
     if not folder.is_dir():
         raise ConfigError(f"suite {name_or_dir!r}: no such folder and no packaged suite of that name "
                           f"(packaged: {', '.join(suites())})")
-    files = sorted(folder.glob("*.toml"))
+    files = sorted(p for p in folder.glob("*.toml") if not p.name.startswith("_"))
     if not files:
         raise ConfigError(f"suite {name_or_dir!r}: {folder} holds no .toml configs")
     return files
@@ -53,4 +53,5 @@ def data_preset(name_or_path: str) -> Path:
 
 
 def all_configs() -> list[str]:
-    return sorted(str(p.relative_to(ROOT).with_suffix("")) for p in ROOT.rglob("*.toml") if p.parent.name != "data")
+    return sorted(str(p.relative_to(ROOT).with_suffix("")) for p in ROOT.rglob("*.toml")
+                  if p.parent.name != "data" and not p.name.startswith("_"))
