@@ -193,3 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ncnnlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from cnnlab import distributed
+        distributed.shutdown()

@@ -259,7 +259,8 @@ def validate(cfg: Config, where: str) -> None:
     w = f"{where}: [data]"
     _check(0.0 <= d.val_fraction < 1.0, w, "val_fraction", f"must be in [0, 1); got {d.val_fraction}")
     _choice(d.val_split, ("stratified", "random", "last", "first"), w, "val_split")
-    _check(d.max_train_per_class >= 0 and d.max_test_per_class >= 0, w, "max_train_per_class", "must be >= 0")
+    _check(d.max_train_per_class >= 0, w, "max_train_per_class", "must be >= 0")
+    _check(d.max_test_per_class >= 0, w, "max_test_per_class", "must be >= 0")
     _check(d.image_size >= 0, w, "image_size", "must be >= 0")
     _check(cfg.model.input_size >= 0, f"{where}: [model]", "input_size", "must be >= 0")
     _check(all(isinstance(h, int) and h > 0 for h in cfg.model.head), f"{where}: [model]", "head",
@@ -270,7 +271,8 @@ def validate(cfg: Config, where: str) -> None:
         _check(len(d.classes) > 0, w, "classes", "must not be an empty list")
         _check(all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in d.classes), w, "classes",
                "must list class indices or class names")
-    _check(d.synthetic_train > 0 and d.synthetic_test > 0, w, "synthetic_train", "must be > 0")
+    _check(d.synthetic_train > 0, w, "synthetic_train", "must be > 0")
+    _check(d.synthetic_test > 0, w, "synthetic_test", "must be > 0")
     w = f"{where}: [train]"
     _choice(t.optimizer, ("sgd", "adam", "adamw"), w, "optimizer")
     if t.lr is None:  # resolved here so the saved config states the value actually used

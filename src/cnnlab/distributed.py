@@ -80,5 +80,9 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group cleanly (all ranks together); without it gloo may abort at exit."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -7,8 +7,10 @@ never waits on the host.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -35,19 +37,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_amx() -> bool:
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (Intel AMX, AVX512-BF16 on Intel and AMD Zen 4+),
+    where oneDNN runs bf16 convolutions about 2-4x faster than fp32."""
+    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+    if probe is not None and probe():
+        return True
     try:
-        return bool(torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:  # older/newer torch without the probe
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
         return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast when asked, or for 'auto' where it is fast: CUDA with bf16, or a CPU with AMX."""
+    """bf16 autocast when asked, or for 'auto' where it is fast: CUDA with bf16, or a CPU with bf16 units."""
     if precision == "bf16":
         return True
     if precision == "auto":
-        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_amx()
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
     return False
 
 

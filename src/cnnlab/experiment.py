@@ -206,7 +206,7 @@ def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, sp
             test_loss: float, test_acc: float, extra: dict, progress: str) -> dict:
     seconds = sum(h["seconds"] for h in trainer.history)
     results = {"name": cfg.name, "status": "diverged" if result.diverged else "ok",
-               "test_loss": test_loss, "test_accuracy": test_acc,
+               "test_loss": _nan_none(test_loss), "test_accuracy": _nan_none(test_acc),
                "epochs_run": trainer.epoch, "epochs_max": cfg.train.epochs, "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "restored_best_weights": result.restored_best,
                "batch_size": cfg.train.batch_size, "optimizer": cfg.train.optimizer, "model": cfg.model.name,

@@ -46,6 +46,9 @@ def group_rows(runs: list[RunFolder]) -> list[tuple[str, list[tuple[RunFolder, d
 
 def build_report(folder: Path, title: str = "") -> str:
     folder = Path(folder)
+    suite = folder / "suite.json"
+    if not title and suite.is_file():
+        title = f"cnnlab suite {read_json(suite)['suite']}"
     groups = group_rows(find_runs(folder))
     lines = [f"# {title or 'cnnlab report: ' + folder.name}", ""]
     if not groups:
@@ -74,7 +77,6 @@ def build_report(folder: Path, title: str = "") -> str:
     if failed:
         lines += ["", "## Rows that did not finish", ""]
         lines += [f"- **{name}**: {r.get('status')}: {r.get('reason', 'no reason recorded')}" for name, r in failed]
-    suite = folder / "suite.json"
     compare = read_json(suite).get("compare", []) if suite.is_file() else []
     if compare:
         lines += ["", "## Is the difference larger than seed-to-seed noise?", ""]

@@ -129,6 +129,9 @@ def split_train_val(y: torch.Tensor, fraction: float, mode: str, seed: int) -> t
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).flatten()
         k = int(round(len(idx) * fraction))
+        if k == 0 and len(idx) >= 2:
+            k = 1          # small classes still give one validation image each
+
         val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     val_idx = torch.cat(val).sort().values
     mask = torch.ones(n, dtype=torch.bool)

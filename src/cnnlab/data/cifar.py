@@ -46,7 +46,9 @@ class _SafeUnpickler(pickle.Unpickler):
     """The CIFAR files are pickles; allow only what they contain (numpy arrays), never arbitrary code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+               # pickle protocol 5 (pickle.HIGHEST_PROTOCOL) stores arrays as _frombuffer(bytes, dtype, shape)
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

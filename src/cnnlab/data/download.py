@@ -94,6 +94,13 @@ def check_md5(path: Path, md5: str | None, what: str) -> bool:
     return True
 
 
+def _refuse_absolute(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's 'data' filter, except that absolute member names are refused instead of made relative."""
+    if member.name.startswith(("/", os.sep)) or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
+
+
 def extract(archive: Path, target: Path, what: str) -> Path:
     """Extract archive so that its contents land in `target`'s parent, atomically and safely.
 
@@ -115,7 +122,7 @@ def extract(archive: Path, target: Path, what: str) -> Path:
                 z.extractall(tmp)
         else:
             with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
+                tf.extractall(tmp, filter=_refuse_absolute)
         produced = tmp / target.name
         if not produced.exists():
             raise DataError(f"{what}: {archive} does not contain {target.name}/; is it the right file?")

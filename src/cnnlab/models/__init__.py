@@ -81,7 +81,10 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
 
     def hook(mod, _inp, out):
         shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else "?"
-        rows.append((mod._cnnlab_name, type(mod).__name__, shape, sum(p.numel() for p in mod.parameters(recurse=False))))
+        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+            n += mod.running_mean.numel() + mod.running_var.numel()
+        rows.append((mod._cnnlab_name, type(mod).__name__, shape, n))
 
     for name, mod in model.named_modules():
         if not list(mod.children()):
@@ -97,7 +100,10 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    total, trainable = count_params(model), count_params(model, trainable_only=True)
+    # Counted as Keras counts: BatchNorm moving mean/variance are (non-trainable) parameters there.
+    moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
+    total, trainable = count_params(model) + moving, count_params(model, trainable_only=True)
     w = max([len(f"{n} ({t})") for n, t, _, _ in rows] + [20]) + 2
     line = "-" * (w + 36)
     out = [line, f"{'Layer (type)':<{w}}{'Output Shape':<24}{'Param #':>12}", "=" * (w + 36)]

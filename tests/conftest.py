@@ -1,0 +1,63 @@
+"""Shared fixtures: every test gets its own data, cache and home folders under tmp_path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Environment variables that would make a test read or write outside its tmp folder, or reach the network.
+_ISOLATED = ("CNNLAB_DATA", "CNNLAB_CACHE", "XDG_CACHE_HOME", "CNNLAB_DOWNLOAD_MIRROR", "MPLCONFIGDIR",
+             "MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Point every cnnlab folder at tmp_path so nothing touches the user's home or cache."""
+    env = {
+        "CNNLAB_DATA": str(tmp_path / "data"),
+        "CNNLAB_CACHE": str(tmp_path / "cache"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg-cache"),
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    for k in _ISOLATED:
+        monkeypatch.delenv(k, raising=False)
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    # Never reach the real download host from a test: a closed loopback port unless a test sets its own.
+    monkeypatch.setenv("CNNLAB_DOWNLOAD_MIRROR", "http://127.0.0.1:9/")
+    return env
+
+
+def subprocess_env(home: Path, **extra: str) -> dict:
+    """Environment for a `cnnlab` subprocess: isolated folders under `home`, no proxies."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _ISOLATED and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update({
+        "CNNLAB_DATA": str(home / "data"),
+        "CNNLAB_CACHE": str(home / "cache"),
+        "XDG_CACHE_HOME": str(home / "xdg-cache"),
+        "MPLCONFIGDIR": str(home / "mpl"),
+        "HOME": str(home),
+        "NO_PROXY": "127.0.0.1,localhost",
+        # one thread: the runs are tiny, and two threads on a shared 2-core machine stall for seconds
+        "OMP_NUM_THREADS": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], home: Path, cwd: Path | None = None, timeout: float = 300,
+            **extra_env: str) -> subprocess.CompletedProcess:
+    """`python -m cnnlab ARGS` in a subprocess with an isolated environment."""
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or home, env=subprocess_env(home, **extra_env), timeout=timeout)

@@ -1,0 +1,143 @@
+"""The practice's models: Keras parameter counts, shapes, the registry and the summary table."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import cnnlab.models as models_mod
+from cnnlab.errors import ConfigError
+from cnnlab.models import count_params, create_model, describe, is_registered, list_models, register_model, summary
+from cnnlab.models.cifar import keras_param_count
+
+KERAS_COUNTS = {                      # model.summary() totals of the practice's Keras models, 25 classes
+    "basenet": 24_197,
+    "deepnet": 112_793,
+    "deepnet_bn_pre": 113_769,
+    "deepnet_bn_post": 113_769,
+}
+
+
+@pytest.mark.parametrize("name, expected", KERAS_COUNTS.items())
+def test_keras_param_counts(name, expected):
+    model = create_model(name, 25)
+    assert keras_param_count(model) == expected
+
+
+def test_plain_parameter_counts():
+    assert count_params(create_model("basenet", 25)) == 24_197
+    assert count_params(create_model("deepnet", 25)) == 112_793
+    # PyTorch keeps BatchNorm moving mean/variance as buffers: 2 x 244 channels fewer than Keras counts
+    bn = create_model("deepnet_bn_pre", 25)
+    bn_channels = sum(m.num_features for m in bn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert bn_channels == 244
+    assert count_params(bn) == 113_769 - 2 * 244 == 113_281
+    # counts by hand for BaseNet: conv 3->6 5x5, conv 6->16 5x5, dense 400->50, dense 50->classes
+    for k in (10, 25, 100):
+        expected = (3 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (400 * 50 + 50) + (50 * k + k)
+        assert count_params(create_model("basenet", k)) == expected
+
+
+def test_batchnorm_has_keras_defaults():
+    bn = [m for m in create_model("deepnet_bn_post", 25).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn and all(m.eps == pytest.approx(1e-3) and m.momentum == pytest.approx(0.01) for m in bn)
+
+
+def test_bn_pre_and_post_order():
+    pre = [type(m).__name__ for m in create_model("deepnet_bn_pre", 25)]
+    post = [type(m).__name__ for m in create_model("deepnet_bn_post", 25)]
+    assert pre[:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert post[:3] == ["Conv2d", "ReLU", "BatchNorm2d"]
+
+
+@pytest.mark.parametrize("name", ["basenet", "deepnet", "deepnet_bn_pre", "deepnet_bn_post", "resnet9s"])
+def test_output_shapes(name):
+    torch.manual_seed(0)
+    model = create_model(name, 25).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 25) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_keras_initialisation():
+    torch.manual_seed(0)
+    model = create_model("basenet", 25)
+    lin = model[-1]
+    assert torch.count_nonzero(lin.bias) == 0
+    bound = (6 / (lin.in_features + lin.out_features)) ** 0.5          # glorot_uniform
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.8 * bound
+
+
+def test_registry_lists_builtin_models():
+    names = list_models()
+    for n in ("basenet", "deepnet", "deepnet_bn_pre", "deepnet_bn_post", "resnet9s"):
+        assert n in names
+    assert names == sorted(names)
+    assert "24,197" in describe("basenet")
+    assert is_registered("deepnet") and not is_registered("resnet50")
+
+
+def test_create_unknown_model():
+    with pytest.raises(ConfigError, match="not_a_model"):
+        create_model("not_a_model", 10)
+
+
+def test_create_model_bad_args():
+    with pytest.raises(ConfigError, match="basenet"):
+        create_model("basenet", 10, nosuch=3)
+    assert create_model("resnet9s", 10, width=8)[-1].in_features == 64
+
+
+def test_register_model(monkeypatch):
+    monkeypatch.setattr(models_mod, "_MODELS", dict(models_mod._MODELS))
+    monkeypatch.setattr(models_mod, "_DESCRIPTIONS", dict(models_mod._DESCRIPTIONS))
+
+    @register_model
+    def tiny_test_net(num_classes: int = 10, hidden: int = 4) -> nn.Module:
+        """A tiny net for the registry test.
+
+        More text that is not shown."""
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    assert "tiny_test_net" in list_models()
+    assert describe("tiny_test_net") == "A tiny net for the registry test."
+    m = create_model("tiny_test_net", 7, hidden=5)
+    assert m(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
+    assert count_params(m) == 3 * 32 * 32 * 5 + 5 + 5 * 7 + 7
+    with pytest.raises(ValueError, match="twice"):
+        register_model(tiny_test_net)
+
+
+def test_register_model_does_not_leak():
+    assert "tiny_test_net" not in list_models()
+
+
+def _total(text: str) -> int:
+    m = re.search(r"Total params: ([\d,]+)", text)
+    assert m, text
+    return int(m.group(1).replace(",", ""))
+
+
+def test_summary_table():
+    model = create_model("basenet", 25)
+    text = summary(model, (3, 32, 32))
+    assert _total(text) == 24_197
+    assert "Trainable params: 24,197" in text and "Non-trainable params: 0" in text
+    # one row per leaf layer with its output shape and parameter count
+    assert re.search(r"0 \(Conv2d\)\s+\(6, 28, 28\)\s+456\b", text)
+    assert re.search(r"3 \(Conv2d\)\s+\(16, 10, 10\)\s+2,416\b", text)
+    assert re.search(r"7 \(Linear\)\s+\(50,\)\s+20,050\b", text)
+    assert re.search(r"9 \(Linear\)\s+\(25,\)\s+1,275\b", text)
+    assert model.training           # summary leaves the mode as it found it
+
+
+def test_summary_of_batchnorm_model():
+    model = create_model("deepnet_bn_pre", 25)
+    text = summary(model, (3, 32, 32))
+    # Keras's count: BatchNorm moving mean/variance are non-trainable parameters (as `cnnlab models` shows).
+    assert _total(text) == keras_param_count(model) == 113_769
+    assert "Trainable params: 113,281" in text and "Non-trainable params: 488" in text
+    assert count_params(model) == 113_281

@@ -1,0 +1,258 @@
+"""Runs that are never lost: resume after SIGKILL with identical metrics, suites that survive a failing
+row and resume, checkpoint identity errors, unique run folders, rerun, seeds statistics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.report import compare_test
+from cnnlab.runs import RunFolder, load_checkpoint
+
+from conftest import ROOT, run_cli, subprocess_env
+
+CFG = """
+name = "res"
+seed = 3
+[data]
+source = "synthetic"
+classes = 10
+synthetic_train = 1500
+synthetic_test = 300
+[model]
+name = "deepnet_bn_pre"
+[train]
+optimizer = "adam"
+epochs = {epochs}
+batch_size = 32
+normalize = "featurewise"
+precision = "fp32"
+[augment]
+zoom = 0.2
+hflip = true
+[early_stopping]
+enabled = true
+monitor = "val_loss"
+patience = 20
+restore_best_weights = true
+"""
+
+
+def _write(tmp_path: Path, epochs: int = 5) -> Path:
+    p = tmp_path / "res.toml"
+    p.write_text(CFG.format(epochs=epochs))
+    return p
+
+
+def _history(run: Path) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((run / "history.json").read_text())]
+
+
+def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
+    cfg = _write(tmp_path)
+    full = run_cli(["run", cfg, "--runs-dir", tmp_path / "full", "-q"], tmp_path / "home")
+    assert full.returncode == 0, full.stderr
+    full_run = next((tmp_path / "full").iterdir())
+
+    # Start the same run, SIGKILL it after its 2nd epoch checkpoint exists, then resume.
+    env = subprocess_env(tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "killed"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 240
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if line.startswith("epoch 2/5"):
+            break
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_run = next((tmp_path / "killed").iterdir())
+    assert not (killed_run / "results.json").exists(), seen
+    epoch_at_kill = load_checkpoint(killed_run / "checkpoints" / "last.pt")["epoch"]
+    assert 2 <= epoch_at_kill < 5
+    resumed = run_cli(["run", "--resume", killed_run, "-q"], tmp_path / "home")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    assert _history(killed_run) == _history(full_run)
+    a = json.loads((full_run / "results.json").read_text())
+    b = json.loads((killed_run / "results.json").read_text())
+    for k in ("test_accuracy", "test_loss", "best_epoch", "epochs_run"):
+        assert a[k] == b[k], k
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    cfg = _write(tmp_path, epochs=50)
+    env = subprocess_env(tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "runs"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    while not proc.stdout.readline().startswith("epoch 1/"):
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "cnnlab run --resume" in err and "Traceback" not in err
+
+
+def test_resume_refuses_finished_run_and_folder_without_checkpoint(tmp_path):
+    cfg = _write(tmp_path, epochs=1)
+    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home").returncode == 0
+    run = next((tmp_path / "runs").iterdir())
+    proc = run_cli(["run", "--resume", run], tmp_path / "home")
+    assert proc.returncode == 2 and "already finished" in proc.stderr
+    proc = run_cli(["run", "--resume", tmp_path], tmp_path / "home")
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_checkpoint_of_another_config_names_both(tmp_path):
+    cfg = _write(tmp_path, epochs=1)
+    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "a", "-q"], tmp_path / "home").returncode == 0
+    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "b", "-q", "--set", "name='other'",
+                    "--set", "model.name='basenet'"], tmp_path / "home").returncode == 0
+    a, b = next((tmp_path / "a").iterdir()), next((tmp_path / "b").iterdir())
+    (a / "results.json").unlink()                               # pretend 'a' was killed...
+    (a / "checkpoints" / "last.pt").write_bytes((b / "checkpoints" / "last.pt").read_bytes())   # ...with b's file
+    proc = run_cli(["run", "--resume", a], tmp_path / "home")
+    assert proc.returncode == 2
+    assert "'other'" in proc.stderr and "'res'" in proc.stderr and "basenet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from cnnlab.errors import CheckpointError
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    """A checkpoint holding an arbitrary object (code on load) is refused by weights_only loading."""
+    from cnnlab.errors import CheckpointError
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": RunFolder(tmp_path)}, evil)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+
+
+def test_run_folders_never_collide(tmp_path):
+    made = []
+
+    def make():
+        made.append(RunFolder.create(tmp_path, "same").path)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 8 and all(p.is_dir() for p in made)
+
+
+SUITE_ROW = """
+name = "{name}"
+[data]
+source = "synthetic"
+classes = 10
+synthetic_train = 400
+synthetic_test = 100
+[model]
+name = "basenet"
+[train]
+optimizer = "adam"
+lr = {lr}
+epochs = 2
+batch_size = 32
+precision = "fp32"
+"""
+
+
+def _suite(tmp_path: Path) -> Path:
+    d = tmp_path / "suite"
+    d.mkdir()
+    (d / "01_a.toml").write_text(SUITE_ROW.format(name="a", lr=0.001))
+    (d / "02_boom.toml").write_text(SUITE_ROW.format(name="boom", lr=1e9))   # diverges
+    (d / "03_c.toml").write_text(SUITE_ROW.format(name="c", lr=0.003).replace('"synthetic"', '"imagefolder"'))
+    (d / "04_d.toml").write_text(SUITE_ROW.format(name="d", lr=0.002))
+    (d / "_suite.toml").write_text('[[compare]]\na = "a"\nb = "d"\nlabel = "lr 0.001 vs 0.002"\n')
+    return d
+
+
+def test_suite_survives_failing_rows_and_resumes(tmp_path):
+    d = _suite(tmp_path)
+    proc = run_cli(["suite", d, "--runs-dir", tmp_path / "runs", "--seeds", "2", "-q"], tmp_path / "home")
+    assert proc.returncode == 1, proc.stderr                          # something failed...
+    folder = next((tmp_path / "runs").iterdir())
+    results = {p.parent.name: json.loads(p.read_text()) for p in folder.rglob("results.json")}
+    assert {r["status"] for k, r in results.items() if "-a-" in k or "-d-" in k} == {"ok"}   # ...the others ran
+    assert {r["status"] for k, r in results.items() if "boom" in k} == {"diverged"}
+    assert {r["status"] for k, r in results.items() if "-c-" in k} == {"failed"}
+    assert "data_dir" in next(r for k, r in results.items() if "-c-" in k)["reason"]
+    report = (folder / "report.md").read_text()
+    assert "## Rows that did not finish" in report and "boom" in report
+    assert "lr 0.001 vs 0.002" in report and "paired t-test, 2 seeds" in report
+
+    # Resume: finished rows are skipped (their results untouched), failed ones are tried again.
+    before = {k: (folder / "rows" / k / "results.json").stat().st_mtime_ns for k in results if "-a-" in k}
+    proc = run_cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
+    assert proc.returncode == 1
+    assert proc.stdout.count("finished earlier, skipped") == 4           # a and d, two seeds each
+    after = {k: (folder / "rows" / k / "results.json").stat().st_mtime_ns for k in before}
+    assert before == after
+
+
+def test_suite_resume_continues_an_interrupted_row(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "01_x.toml").write_text(CFG.format(epochs=4).replace('name = "res"', 'name = "x"'))
+    env = subprocess_env(tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "suite", str(d), "--runs-dir", str(tmp_path / "runs"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    while not proc.stdout.readline().startswith("epoch 2/4"):
+        pass
+    proc.kill()
+    proc.wait()
+    folder = next((tmp_path / "runs").iterdir())
+    proc = run_cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert "resum" in proc.stdout.lower() or "epoch 4/4" in proc.stdout
+    hist = json.loads(next(folder.rglob("history.json")).read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+
+
+def test_rerun_repeats_the_recorded_config(tmp_path):
+    cfg = _write(tmp_path, epochs=2)
+    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home").returncode == 0
+    first = next((tmp_path / "runs").iterdir())
+    meta = json.loads((first / "meta.json").read_text())
+    for key in ("cnnlab", "torch", "device", "command", "git_commit", "python"):
+        assert key in meta
+    assert meta["command"][-1] == "-q"
+    proc = run_cli(["rerun", first, "--runs-dir", tmp_path / "again", "-q"], tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    second = next((tmp_path / "again").iterdir())
+    assert _history(first) == _history(second)
+
+
+def test_compare_test_paired_and_welch():
+    a = {0: 0.50, 1: 0.52, 2: 0.51}
+    b = {0: 0.60, 1: 0.63, 2: 0.61}
+    name, p = compare_test(a, b)
+    assert name.startswith("paired") and p < 0.01
+    noisy = {0: 0.50, 1: 0.60, 2: 0.40}
+    _, p = compare_test(a, noisy)
+    assert p > 0.5
+    name, _ = compare_test(a, {5: 0.6, 6: 0.61})
+    assert name.startswith("Welch")
+    assert compare_test({0: 0.5}, b) is None
