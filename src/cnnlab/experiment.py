@@ -59,7 +59,8 @@ class DataCache:
         self._cache: dict[str, Dataset] = {}
 
     def get(self, cfg: DataConfig, quiet: bool) -> Dataset:
-        key = repr(sorted(vars(cfg).items()))
+        # The validation split is made after loading: rows that differ only there share the loaded data.
+        key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in ("val_fraction", "val_split")))
         if key not in self._cache:
             self._cache = {key: load_dataset(cfg, quiet=quiet)}   # keep one: data sets can be large
         return self._cache[key]
