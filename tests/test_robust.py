@@ -95,8 +95,11 @@ def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
 def test_ctrl_c_says_how_to_resume(tmp_path):
     cfg = _write(tmp_path, epochs=50)
     env = subprocess_env(tmp_path / "home")
+    # A test runner started in the background may have SIGINT ignored, and children inherit that: give the
+    # child the default disposition, as an interactive terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "runs"), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not proc.stdout.readline().startswith("epoch 1/"):
         pass
     proc.send_signal(signal.SIGINT)
