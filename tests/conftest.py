@@ -61,3 +61,25 @@ def run_cli(args: list[str], home: Path, cwd: Path | None = None, timeout: float
     home.mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or home, env=subprocess_env(home, **extra_env), timeout=timeout)
+
+
+def synthetic_row(name: str, lr: float, epochs: int, label: str | None = None) -> str:
+    """A small, fast suite row: BaseNet + Adam on the synthetic source (optionally with a report label)."""
+    text = f"""
+name = "{name}"
+seed = 0
+[data]
+source = "synthetic"
+classes = 10
+synthetic_train = 400
+synthetic_test = 100
+[model]
+name = "basenet"
+[train]
+optimizer = "adam"
+lr = {lr}
+epochs = {epochs}
+batch_size = 32
+precision = "fp32"
+"""
+    return text + (f'[report]\nlabel = "{label}"\n' if label else "")

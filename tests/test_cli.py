@@ -15,7 +15,7 @@ from cnnlab.config import load_config
 from cnnlab.models import create_model
 from cnnlab.runs import HISTORY_KEYS
 
-from conftest import run_cli
+from conftest import run_cli, synthetic_row
 
 FAST = ["--data", "synthetic", "--set", "data.synthetic_train=600", "--set", "data.synthetic_test=200",
         "--set", "train.epochs=4", "--set", "train.precision=fp32", "-q"]
@@ -144,27 +144,6 @@ def test_same_seed_same_history_other_seed_differs(e2e):
 
 # ---------------------------------------------------------------- suites and reports
 
-ROW = """
-name = "{name}"
-seed = 0
-[data]
-source = "synthetic"
-classes = 10
-synthetic_train = 400
-synthetic_test = 100
-[model]
-name = "basenet"
-[train]
-optimizer = "adam"
-lr = {lr}
-epochs = 3
-batch_size = 32
-precision = "fp32"
-[report]
-label = "{label}"
-"""
-
-
 def _table_rows(report: str) -> dict[str, list[str]]:
     rows = {}
     for line in report.splitlines():
@@ -177,8 +156,8 @@ def _table_rows(report: str) -> dict[str, list[str]]:
 def test_suite_report_and_rebuild(tmp_path):
     suite = tmp_path / "mysuite"
     suite.mkdir()
-    (suite / "01_slow.toml").write_text(ROW.format(name="slow", lr=0.001, label="Adam 0.001"))
-    (suite / "02_fast.toml").write_text(ROW.format(name="fast", lr=0.003, label="Adam 0.003"))
+    (suite / "01_slow.toml").write_text(synthetic_row("slow", 0.001, 3, "Adam 0.001"))
+    (suite / "02_fast.toml").write_text(synthetic_row("fast", 0.003, 3, "Adam 0.003"))
     runs = tmp_path / "runs"
     proc = run_cli(["suite", suite, "--runs-dir", runs, "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -18,7 +18,7 @@ import torch
 from cnnlab.report import compare_test
 from cnnlab.runs import RunFolder, load_checkpoint
 
-from conftest import ROOT, run_cli, subprocess_env
+from conftest import ROOT, run_cli, subprocess_env, synthetic_row
 
 CFG = """
 name = "res"
@@ -163,31 +163,13 @@ def test_run_folders_never_collide(tmp_path):
     assert len(set(made)) == 8 and all(p.is_dir() for p in made)
 
 
-SUITE_ROW = """
-name = "{name}"
-[data]
-source = "synthetic"
-classes = 10
-synthetic_train = 400
-synthetic_test = 100
-[model]
-name = "basenet"
-[train]
-optimizer = "adam"
-lr = {lr}
-epochs = 2
-batch_size = 32
-precision = "fp32"
-"""
-
-
 def _suite(tmp_path: Path) -> Path:
     d = tmp_path / "suite"
     d.mkdir()
-    (d / "01_a.toml").write_text(SUITE_ROW.format(name="a", lr=0.001))
-    (d / "02_boom.toml").write_text(SUITE_ROW.format(name="boom", lr=1e9))   # diverges
-    (d / "03_c.toml").write_text(SUITE_ROW.format(name="c", lr=0.003).replace('"synthetic"', '"imagefolder"'))
-    (d / "04_d.toml").write_text(SUITE_ROW.format(name="d", lr=0.002))
+    (d / "01_a.toml").write_text(synthetic_row("a", 0.001, 2))
+    (d / "02_boom.toml").write_text(synthetic_row("boom", 1e9, 2))   # diverges
+    (d / "03_c.toml").write_text(synthetic_row("c", 0.003, 2).replace('"synthetic"', '"imagefolder"'))
+    (d / "04_d.toml").write_text(synthetic_row("d", 0.002, 2))
     (d / "_suite.toml").write_text('[[compare]]\na = "a"\nb = "d"\nlabel = "lr 0.001 vs 0.002"\n')
     return d
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnlab.errors import CnnlabError, RunInterrupted
+
+if TYPE_CHECKING:
+    from cnnlab.config import Config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(path: Path, a) -> "Config":  # noqa: F821
+def _load(path: Path, a) -> Config:
     from cnnlab.config import load_config, read_toml
     from cnnlab.configs import data_preset
     preset = None

@@ -168,7 +168,7 @@ def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, 
         state = None          # killed while training the head alone: that short phase starts over
     if head_epochs and state is None:
         net.set_backbone_trainable(False)
-        head_cfg = _replace(cfg.train, epochs=head_epochs, backbone_lr_mult=1.0)
+        head_cfg = dataclasses.replace(cfg.train, epochs=head_epochs, backbone_lr_mult=1.0)
         t = make_trainer(net, head_cfg)
         t.early_stopping, t.phase = None, "head"
         fit(t, splits.train, splits.val, head_epochs, on_epoch_end, progress, label=f"{cfg.name} [head]")
@@ -197,10 +197,6 @@ def check_identity(path: Path, found: dict | None, expected: dict) -> None:
         raise CheckpointError(f"{path}: this checkpoint is from config {found.get('config')!r} (model "
                               f"{found.get('model')!r}, {found.get('num_classes')} classes), but the run is config "
                               f"{expected['config']!r} (model {expected['model']!r}, {expected['num_classes']} classes)")
-
-
-def _replace(train_cfg, **changes):
-    return dataclasses.replace(train_cfg, **changes)
 
 
 def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, splits: Splits,

@@ -10,6 +10,8 @@ still run, the report marks it, and the suite's exit code says that something fa
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -68,18 +70,13 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list[str], data: str |
     cache, failures, t0 = DataCache(), 0, time.perf_counter()
     for i, (f, cfg) in enumerate(rows, 1):
         for s in range(seeds):
-            cfg_s = _with_seed(cfg, cfg.seed + s)
+            cfg_s = dataclasses.replace(cfg, seed=cfg.seed + s)
             path = folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))
             failures += not _run_row(cfg_s, f, path, progress, cache, argv)
     report = write_report(folder, title=f"cnnlab suite {name}")
     n = len(rows) * seeds
     print(f"\nsuite {name}: {n - failures}/{n} runs ok in {time.perf_counter() - t0:.1f}s; report: {report}")
     return folder, failures
-
-
-def _with_seed(cfg: Config, seed: int) -> Config:
-    import dataclasses
-    return dataclasses.replace(cfg, seed=seed)
 
 
 def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv) -> bool:
@@ -91,7 +88,7 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
         return True
     resume = (run.checkpoints / "last.pt").is_file() and not previous
     if not resume and path.is_dir():
-        _clear(path)       # a failed or never-checkpointed attempt starts over
+        shutil.rmtree(path)      # a failed or never-checkpointed attempt starts over
     path.mkdir(parents=True, exist_ok=True)
     try:
         run = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
@@ -106,11 +103,6 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
         _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
         print(f"!! {cfg.name}: FAILED: {type(e).__name__}: {e}")
     return False
-
-
-def _clear(path: Path) -> None:
-    import shutil
-    shutil.rmtree(path)
 
 
 def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None) -> None:
