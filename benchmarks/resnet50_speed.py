@@ -18,9 +18,11 @@ import torch
 
 from common import keras_available, run_keras
 
-from cnnlab.augment import Augmenter, Normalizer
+from cnnlab.augment import Augmenter
+from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, TrainConfig
-from cnnlab.engine import Batches, Trainer, use_bf16
+from cnnlab.device import use_bf16
+from cnnlab.engine import Batches, Trainer
 from cnnlab.features import extract
 from cnnlab.models.backbones import TransferNet, create_backbone
 
@@ -49,9 +51,9 @@ def main() -> None:
     model = TransferNet(backbone, nf, 200, [400])
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=a.batch, precision=a.precision)
     tr = Trainer(model, cfg, dev, 0, norm, Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
-    tr.train_epoch(Batches(x[:a.batch], y[:a.batch]), 1)                                         # warm-up
+    tr.train_epoch(Batches(x[:a.batch], y[:a.batch]))                                        # warm-up
     sync(); t0 = time.perf_counter()
-    tr.train_epoch(Batches(x, y), 1)
+    tr.train_epoch(Batches(x, y))
     sync(); train = n / (time.perf_counter() - t0)
 
     print(f"cnnlab ({dev}, {'bf16' if bf16 else 'fp32'}, channels_last): extraction {fwd:.1f} img/s, "

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Augmenter, Normalizer, hflip, random_crop, zoom
+from cnnlab.augment import Augmenter, hflip, random_crop, zoom
+from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, DataConfig
 from cnnlab.data import Dataset, split_train_val
 from cnnlab.experiment import prepare_splits

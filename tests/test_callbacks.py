@@ -20,7 +20,7 @@ def drive(es: EarlyStopping, values, monitor: str | None = None, weights: bool =
     es.reset()
     for epoch, v in enumerate(values):
         wf = (lambda e=epoch: e) if weights else None          # the 'weights' of an epoch: its number
-        if es.on_epoch_end(epoch, {monitor: v, "other": 0.0}, wf):
+        if es.update(epoch, {monitor: v, "other": 0.0}, wf):
             return epoch + 1, epoch
     return len(values), None
 
@@ -52,8 +52,8 @@ def test_no_stop_while_improving():
 
 def test_patience_zero_never_stops_at_epoch_zero():
     es = EarlyStopping(monitor="loss", patience=0, baseline=0.1)
-    assert es.on_epoch_end(0, {"loss": 1.0}) is False          # epoch > 0 is required to stop
-    assert es.on_epoch_end(1, {"loss": 1.5}) is True
+    assert es.update(0, {"loss": 1.0}) is False          # epoch > 0 is required to stop
+    assert es.update(1, {"loss": 1.5}) is True
 
 
 # ---------------------------------------------------------------- mode
@@ -162,7 +162,7 @@ def test_weights_fn_only_called_when_needed():
     calls = []
     es = EarlyStopping(monitor="loss", patience=5, restore_best_weights=True)
     for epoch, v in enumerate([1.0, 0.5, 0.7, 0.8]):
-        es.on_epoch_end(epoch, {"loss": v}, lambda e=epoch: calls.append(e) or e)
+        es.update(epoch, {"loss": v}, lambda e=epoch: calls.append(e) or e)
     assert calls == [0, 0, 1]          # first epoch (fallback + improvement), then the improvement at 1
 
 
@@ -174,7 +174,7 @@ def test_restore_with_real_model_weights():
         with torch.no_grad():
             model.weight.fill_(epoch)
         saved[epoch] = snapshot(model)
-        if es.on_epoch_end(epoch, {"val_loss": v}, lambda: snapshot(model)):
+        if es.update(epoch, {"val_loss": v}, lambda: snapshot(model)):
             break
     best = es.weights_to_restore(epoch)
     assert torch.equal(best["weight"], torch.full((1, 2), 1.0))
@@ -206,7 +206,7 @@ def test_start_from_epoch_keras_bound(patience, start):
 def test_missing_monitor_is_an_error():
     es = EarlyStopping(monitor="val_accuracy")
     with pytest.raises(ConfigError, match="val_accuracy") as e:
-        es.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+        es.update(0, {"loss": 1.0, "accuracy": 0.5})
     assert "accuracy, loss" in str(e.value)       # lists what is available
 
 
@@ -227,11 +227,11 @@ def test_state_dict_round_trip_continues_identically():
     ref_result = drive(ref, values)
     a = EarlyStopping(monitor="val_loss", patience=3)
     for epoch, v in enumerate(values[:3]):
-        a.on_epoch_end(epoch, {"val_loss": v})
+        a.update(epoch, {"val_loss": v})
     b = EarlyStopping(monitor="val_loss", patience=3)
     b.load_state_dict(a.state_dict())
     for epoch, v in enumerate(values[3:], start=3):
-        if b.on_epoch_end(epoch, {"val_loss": v}):
+        if b.update(epoch, {"val_loss": v}):
             break
     assert ref_result == (8, 7)
     assert b.stopped_epoch == ref.stopped_epoch == 7 and b.best == ref.best == 0.7

@@ -13,6 +13,7 @@ from torch import nn
 from cnnlab.config import ModelConfig, TrainConfig, from_dict
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.experiment import run_experiment
+from cnnlab.runs import read_json
 from cnnlab.models.backbones import TransferNet, create_backbone
 from cnnlab.models.build import build_model
 
@@ -86,7 +87,7 @@ def test_offline_without_cached_weights_says_how_to_provide_a_file(tmp_path):
 
 def test_unknown_backbone_and_tag():
     with pytest.raises(ConfigError, match="not a cnnlab model"):
-        build_model(ModelConfig(name="no_such_net_xyz"), 3, 32, TrainConfig())
+        build_model(ModelConfig(name="no_such_net_xyz"), 3, 32)
     with pytest.raises(ConfigError, match="not a pretrained tag"):
         create_backbone("resnet18", "no_such_tag")
 
@@ -94,7 +95,7 @@ def test_unknown_backbone_and_tag():
 def test_frozen_features_are_cached_and_reused(tmp_path, monkeypatch):
     cfg = from_dict(_cfg(freeze_backbone=True, epochs=3))
     run1 = run_experiment(cfg, tmp_path / "runs", progress="none")
-    assert run1.read_results()["features_from_cache"] is False
+    assert read_json(run1.path / 'results.json')["features_from_cache"] is False
     # The second run must not run the backbone at all: make extraction impossible.
     import cnnlab.features as features
 
@@ -103,7 +104,7 @@ def test_frozen_features_are_cached_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(features, "extract", boom)
     run2 = run_experiment(cfg, tmp_path / "runs", progress="none")
-    r1, r2 = run1.read_results(), run2.read_results()
+    r1, r2 = read_json(run1.path / 'results.json'), read_json(run2.path / 'results.json')
     assert r2["features_from_cache"] is True
     assert r2["test_accuracy"] == r1["test_accuracy"] and r2["test_loss"] == r1["test_loss"]
     assert len(list((Path(features.cache_dir()) / "features").glob("*.pt"))) == 2     # train + test
@@ -113,29 +114,29 @@ def test_feature_cache_depends_on_weights(tmp_path):
     """Another seed gives other random backbone weights: new features, not the cached ones."""
     run_experiment(from_dict(_cfg(freeze_backbone=True)), tmp_path / "runs", progress="none")
     other = from_dict({**_cfg(freeze_backbone=True), "seed": 1})
-    assert run_experiment(other, tmp_path / "runs", progress="none").read_results()["features_from_cache"] is False
+    assert read_json(run_experiment(other, tmp_path / "runs", progress="none").path / 'results.json')["features_from_cache"] is False
 
 
 def test_finetuning_epoch_changes_backbone_weights(tmp_path):
     cfg = from_dict({**_cfg(head_epochs=1, backbone_lr_mult=0.5, epochs=2),
                      "augment": {"random_resized_crop": True, "hflip": True}})
     torch.manual_seed(cfg.seed)
-    initial, _, _ = build_model(cfg.model, 4, 40, cfg.train)
+    initial, _, _ = build_model(cfg.model, 4, 40)
     run = run_experiment(cfg, tmp_path / "runs", progress="none")
-    state = torch.load(run.checkpoints / "last.pt", weights_only=True)["model"]
+    state = torch.load(run.path / 'checkpoints' / "last.pt", weights_only=True)["model"]
     changed = [k for k, v in initial.state_dict().items()
                if k.startswith("backbone.") and v.dtype.is_floating_point and not torch.equal(v, state[k])]
     assert changed, "the backbone did not train"
     hist = json.loads((run.path / "history.json").read_text())
-    assert len(hist) == 2 and run.read_results()["status"] == "ok"
+    assert len(hist) == 2 and read_json(run.path / 'results.json')["status"] == "ok"
 
 
 def test_head_phase_keeps_backbone_fixed(tmp_path):
     cfg = from_dict({**_cfg(head_epochs=1, epochs=1)})
     torch.manual_seed(cfg.seed)
-    initial, _, _ = build_model(cfg.model, 4, 40, cfg.train)
+    initial, _, _ = build_model(cfg.model, 4, 40)
     run = run_experiment(cfg, tmp_path / "runs", progress="none")
-    state = torch.load(run.checkpoints / "last.pt", weights_only=True)["model"]
+    state = torch.load(run.path / 'checkpoints' / "last.pt", weights_only=True)["model"]
     for k, v in initial.state_dict().items():
         if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
             assert torch.equal(v, state[k]), k

@@ -8,8 +8,6 @@ Keras semantics where the practice used Keras (ImageDataGenerator):
   larger area (the image shrinks), < 1 magnifies. Bilinear interpolation (Keras's interpolation_order=1)
   and fill_mode='nearest' (edge pixels repeated) -> grid_sample(bilinear, padding_mode='border').
 - horizontal_flip: each image mirrored with probability 0.5.
-- featurewise_center + featurewise_std_normalization: x = (x - mean) / (std + 1e-6), per channel,
-  with mean and std fitted on the training split only.
 """
 from __future__ import annotations
 
@@ -19,40 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.config import AugmentConfig
-
-
-class Normalizer:
-    """Maps uint8 batches to float: x/255, then (x - mean) / (std + 1e-6) when fitted or given."""
-
-    def __init__(self, mean=None, std=None):
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
-
-    @classmethod
-    def fit(cls, x_uint8: torch.Tensor, chunk: int = 4096) -> "Normalizer":
-        """Per-channel mean and std of x/255 over all pixels (float64 sums, chunked to bound memory)."""
-        s = torch.zeros(3, dtype=torch.float64)
-        s2 = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, len(x_uint8), chunk):
-            b = x_uint8[i:i + chunk].to(torch.float64) / 255.0
-            s += b.sum(dim=(0, 2, 3)).cpu()
-            s2 += (b * b).sum(dim=(0, 2, 3)).cpu()
-        n = len(x_uint8) * x_uint8.shape[2] * x_uint8.shape[3]
-        mean = s / n
-        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-        return cls(mean.float(), std.float())
-
-    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.float().div_(255.0)
-        if self.mean is not None:
-            mean = self.mean.to(x.device).view(1, -1, 1, 1)
-            std = self.std.to(x.device).view(1, -1, 1, 1)
-            x = (x - mean) / (std + 1e-6)
-        return x
-
-    def state_dict(self) -> dict:
-        return {"mean": None if self.mean is None else self.mean.tolist(),
-                "std": None if self.std is None else self.std.tolist()}
 
 
 def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -102,17 +66,6 @@ def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def center_crop(x: torch.Tensor, fraction: float, out: int) -> torch.Tensor:
-    """Evaluation view of a large image: the central `fraction` of it, resized to out x out."""
-    h = x.shape[2]
-    c = max(1, round(h * fraction))
-    top = (h - c) // 2
-    x = x[:, :, top:top + c, top:top + c]
-    if c != out:
-        x = F.interpolate(x, size=(out, out), mode="bilinear", antialias=True, align_corners=False)
-    return x
 
 
 class Augmenter:

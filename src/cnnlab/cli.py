@@ -1,4 +1,4 @@
-"""The `cnnlab` command: run, suite, report, models, configs.
+"""The `cnnlab` command: run, suite, report, evaluate, predict, export, models, configs.
 
 Every user error (CnnlabError) becomes one line on stderr and exit code 2; a suite with a failed or
 diverged row, or a diverged run, exits 1.
@@ -31,23 +31,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch (for logs)")
 
 
-def _overrides(a: argparse.Namespace) -> list[str]:
-    out = list(a.overrides)
+def _overrides(a: argparse.Namespace) -> list:
+    """--set strings (parsed as TOML values), then the typed shortcuts (--data-dir, --seed, ...)."""
+    from cnnlab.config import parse_set
+    out: list = [parse_set(item) for item in a.overrides]
     if a.data_dir:
-        out.append(f"data.data_dir={_toml_str(a.data_dir)}")
+        out.append(("data.data_dir", a.data_dir))
     if a.seed is not None:
-        out.append(f"seed={a.seed}")
+        out.append(("seed", a.seed))
     if a.device:
-        out.append(f"device={_toml_str(a.device)}")
+        out.append(("device", a.device))
     if a.seeds is not None:
-        out.append(f"seeds={a.seeds}")
+        out.append(("seeds", a.seeds))
     if a.logger:
-        out.append("tracking.loggers=[" + ", ".join(_toml_str(x) for x in dict.fromkeys(a.logger)) + "]")
+        out.append(("tracking.loggers", list(dict.fromkeys(a.logger))))
     return out
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("-o", "--output", help="report file (default: FOLDER/report.md)")
 
+    p = sub.add_parser("evaluate", help="re-score a trained run on its own data or other data with the same classes")
+    p.add_argument("run_dir")
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "last"],
+                   help="auto: what the run reported (best when restored, else last)")
+    p.add_argument("--data", metavar="PRESET|FILE", help="data preset or TOML file whose [data] keys replace the run's")
+    p.add_argument("--data-dir", help="folder holding the data sets")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="classify image files or folders with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--out", help="also write the predictions to FILE.csv or FILE.json")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "last"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export a trained run to ONNX or TorchScript (uint8 RGB in, probabilities out)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="output file (default: RUN/export/model.onnx or model.pt)")
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "last"])
+
     sub.add_parser("models", help="list the registered models with their parameter counts")
     sub.add_parser("configs", help="list packaged configs, suites and data presets")
     return ap
@@ -92,18 +114,16 @@ def _execute(cfg, a, source: str, resume=None) -> int:
     import dataclasses
 
     from cnnlab.experiment import run_experiment
-    status = []
+    results = []
     for s in range(1 if resume else cfg.seeds):
-        run = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
+        out = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
                              progress="line" if a.quiet else "bar", argv=sys.argv, resume=resume)
-        if run is None:        # a non-zero rank under torchrun: rank 0 reports
-            return 0
-        status.append(run.read_results() or {})
-    if len(status) > 1:
+        results.append(out.results)
+    if len(results) > 1 and out.path is not None:
         from cnnlab.report import _mean_std
-        print(f"== {cfg.name} over {len(status)} seeds: test accuracy "
-              f"{_mean_std([r.get('test_accuracy') for r in status if r.get('status') == 'ok'])}")
-    return 0 if all(r.get("status") == "ok" for r in status) else 1
+        print(f"== {cfg.name} over {len(results)} seeds: test accuracy "
+              f"{_mean_std([r.test_accuracy for r in results if r.ok])}")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def cmd_run(a) -> int:
@@ -148,7 +168,7 @@ def cmd_suite(a) -> int:
     if not a.suite and not a.resume:
         raise CnnlabError("suite: give a suite name or folder, or --resume SUITE_DIR")
     only = [s.strip() for s in a.only.split(",")] if a.only else None
-    overrides = [o for o in _overrides(a) if not o.startswith("seeds=")]
+    overrides = [o for o in _overrides(a) if o[0] != "seeds"]
     _, failures = run_suite(a.suite, a.runs_dir, overrides, a.data, only, "line" if a.quiet else "bar", sys.argv,
                             seeds=a.seeds, resume=a.resume)
     return 1 if failures else 0
@@ -160,6 +180,49 @@ def cmd_report(a) -> int:
     if not folder.is_dir():
         raise CnnlabError(f"{folder}: no such folder (give a suite folder or a runs folder)")
     print(write_report(folder, out=a.output))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from cnnlab.api import load
+    model = load(_run_folder(a.run_dir).path, a.weights, a.device)
+    ev, folder = model.evaluate(a.data, a.data_dir, a.split, quiet=False)
+    top5 = f"  top-5 {ev.top5:.4f}" if ev.top5 is not None else ""
+    print(f"{model.config.name} on {a.data or 'its own data'} ({a.split}, {ev.n} images): accuracy {ev.top1:.4f}{top5}"
+          f"  macro F1 {ev.macro_f1:.4f}  loss {ev.loss:.4f}")
+    from cnnlab.evaluation import most_confused_pairs
+    pairs = most_confused_pairs(ev.confusion, ev.classes, 3)
+    if pairs:
+        print("most confused: " + "; ".join(f"{p['true']} -> {p['pred']} ({p['rate']:.1%})" for p in pairs))
+    print(f"-> {folder}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from cnnlab.api import load
+    from cnnlab.predict import check_predictions_path, format_table, predict_files, write_predictions
+    if a.out:
+        check_predictions_path(Path(a.out))
+    if a.topk < 1 or a.batch_size < 1:
+        raise CnnlabError("--topk and --batch-size must be >= 1")
+    model = load(_run_folder(a.run_dir).path, a.weights, a.device)
+    rows, failures = predict_files(model._predictor, a.paths, a.topk, a.batch_size)
+    if rows:
+        print(format_table(rows, min(a.topk, len(model.classes))))
+    for path, reason in failures:
+        print(f"cnnlab: cannot predict {path}: {reason}", file=sys.stderr)
+    if a.out:
+        write_predictions(rows, Path(a.out))
+        print(f"-> {a.out}")
+    return 1 if failures else 0
+
+
+def cmd_export(a) -> int:
+    from cnnlab.api import export_run
+    path, diff = export_run(_run_folder(a.run_dir).path, a.format, a.out, a.weights)
+    print(f"exported {path} (+ labels.json); max |difference| of probabilities vs PyTorch on real inputs: {diff:.2e}")
+    from cnnlab.export import check_tolerance
+    check_tolerance(diff)
     return 0
 
 
@@ -183,14 +246,18 @@ def cmd_configs(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnnlab.export import ExportMismatch
     a = build_parser().parse_args(argv)
     try:
         return {"run": cmd_run, "rerun": cmd_rerun, "suite": cmd_suite, "report": cmd_report, "models": cmd_models,
-                "configs": cmd_configs}[a.cmd](a)
+                "configs": cmd_configs, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export}[a.cmd](a)
     except RunInterrupted as e:
         print(f"\ncnnlab: interrupted; the last finished epoch is saved. Resume with: cnnlab run --resume {e.path}",
               file=sys.stderr)
         return 130
+    except ExportMismatch as e:
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 1
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,14 @@
 """Experiment configs: TOML files -> typed, validated dataclasses.
 
 A config has a few top-level keys (name, seed, ...) and one table per part of the pipeline. Each part
-of the code receives only its own table (`cfg.data`, `cfg.train`, ...). Every value is checked here,
-once, so the rest of the code can trust it: an unknown key, a wrong type or an out-of-range value
-raises ConfigError naming the key and the file.
+of the code receives only its own table (`cfg.data`, `cfg.train`, ...). A choice is typed as a
+`Literal[...]`, so the one type check below also checks it; each table then checks its own ranges
+(`check`), and `Config.check` the few rules that span two tables. An unknown key, a wrong type or an
+out-of-range value raises ConfigError naming the key and the file. Validation never fills a value in:
+an omitted `lr` stays None and means "the optimizer's Keras default", applied where the optimizer is made.
+
+A config may start from another: `base = "practice/08_bnpre"` (a packaged name, or a path relative to
+the file) is read first and the file's tables are merged over it key by key (`name` is never inherited).
 """
 from __future__ import annotations
 
@@ -14,9 +19,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cnnlab.errors import ConfigError
+
+Monitor = Literal["loss", "accuracy", "val_loss", "val_accuracy"]
+Override = tuple[str, Any]          # ("train.epochs", 5): a typed --set
+
+
+def _check(cond: bool, where: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: '{key}' {msg}")
 
 
 @dataclass
@@ -27,12 +40,25 @@ class DataConfig:
     max_train_per_class: int = 0      # first N train images of each class, in record order (0 = all)
     max_test_per_class: int = 0
     val_fraction: float = 0.1         # held out from train for validation
-    val_split: str = "stratified"     # stratified | random | last (Keras fit) | first (Keras ImageDataGenerator)
+    val_split: Literal["stratified", "random", "last", "first"] = "stratified"
     image_size: int = 0               # resize (shorter side + center crop) for JPEG sources; 0 = source default
     download: bool = True             # download official archives when missing (needs internet)
     skip_corrupt: bool = False        # skip unreadable images with a warning instead of failing
     synthetic_train: int = 2000       # synthetic source only: images per split
     synthetic_test: int = 500
+
+    def check(self, w: str) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, w, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")
+        for key in ("max_train_per_class", "max_test_per_class", "image_size"):
+            _check(getattr(self, key) >= 0, w, key, "must be >= 0")
+        for key in ("synthetic_train", "synthetic_test"):
+            _check(getattr(self, key) > 0, w, key, "must be > 0")
+        if isinstance(self.classes, int):
+            _check(self.classes >= 0, w, "classes", "must be >= 0 (0 = all classes) or a list")
+        else:
+            _check(len(self.classes) > 0, w, "classes", "must not be an empty list")
+            _check(all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.classes), w, "classes",
+                   "must list class indices or class names")
 
 
 @dataclass
@@ -43,28 +69,55 @@ class ModelConfig:
     input_size: int = 0               # backbones: image size the network sees (0 = the weights' default, e.g. 224)
     args: dict = field(default_factory=dict)    # extra keyword arguments for the model function
 
+    def check(self, w: str) -> None:
+        _check(self.input_size >= 0, w, "input_size", "must be >= 0")
+        _check(all(isinstance(h, int) and h > 0 for h in self.head), w, "head", "must list positive layer sizes, e.g. [400]")
+
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "sgd"            # sgd | adam | adamw
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float | None = None           # omitted -> the optimizer's Keras default (sgd 0.01, adam 0.001)
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # false: no weight decay on BatchNorm weights and biases (as timm, torchvision)
     eps: float = 1e-7                 # Adam epsilon (Keras default)
-    epochs: int = 20
+    epochs: int = 20                  # all epochs, the head-only ones (head_epochs) included
     batch_size: int = 64
     eval_batch_size: int = 500
     label_smoothing: float = 0.0
-    schedule: str = "constant"        # constant | cosine | onecycle
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"   # onecycle: linear up (warmup), linear down
     warmup_epochs: float = 0.0
-    normalize: str = "none"           # none | featurewise (per-channel mean/std of the train split) | backbone
-    precision: str = "auto"           # auto (bf16 autocast on GPUs with bf16 and CPUs with AMX, else fp32) | fp32 | bf16
+    # auto: a backbone's own mean/std, none for cnnlab's models | none: x/255 only | featurewise: per-channel
+    # mean/std of the training split | backbone: the backbone's own mean/std
+    normalize: Literal["auto", "none", "featurewise", "backbone"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast where the GPU/CPU has fast bf16
     channels_last: bool = True
     freeze_backbone: bool = False     # train only the head (features computed once and cached)
-    head_epochs: int = 0              # fine-tuning: first train the head alone for this many epochs
+    head_epochs: int = 0              # fine-tuning: the first epochs train the head alone (backbone frozen)
     backbone_lr_mult: float = 1.0     # fine-tuning: backbone lr = lr * this
     checkpoint_every: int = 1         # epochs between 'last' checkpoints
+
+    @property
+    def effective_lr(self) -> float:
+        """lr, or the optimizer's Keras default when omitted."""
+        return self.lr if self.lr is not None else default_lr(self.optimizer)
+
+    def check(self, w: str) -> None:
+        _check(self.lr is None or self.lr > 0, w, "lr", f"must be > 0 (omit it for the optimizer's Keras default); got {self.lr}")
+        _check(self.epochs >= 1, w, "epochs", f"must be >= 1; got {self.epochs}")
+        _check(self.batch_size >= 1, w, "batch_size", f"must be >= 1; got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, w, "eval_batch_size", "must be >= 1")
+        _check(0.0 <= self.momentum < 1.0, w, "momentum", f"must be in [0, 1); got {self.momentum}")
+        _check(self.weight_decay >= 0, w, "weight_decay", "must be >= 0")
+        _check(self.eps > 0, w, "eps", "must be > 0")
+        _check(0.0 <= self.label_smoothing < 1.0, w, "label_smoothing", "must be in [0, 1)")
+        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, w, "warmup_epochs", "must be in [0, epochs)")
+        _check(0 <= self.head_epochs <= self.epochs, w, "head_epochs",
+               f"must be in [0, epochs] (epochs = {self.epochs} counts the head-only epochs too)")
+        _check(self.backbone_lr_mult >= 0, w, "backbone_lr_mult", "must be >= 0")
+        _check(self.checkpoint_every >= 1, w, "checkpoint_every", "must be >= 1")
 
 
 @dataclass
@@ -72,21 +125,42 @@ class AugmentConfig:
     zoom: float = 0.0                 # Keras zoom_range: x and y zoom drawn independently in [1-z, 1+z]
     hflip: bool = False               # random horizontal flip, p = 0.5
     crop_padding: int = 0             # random crop after reflect padding (0 = off)
-    random_resized_crop: bool = False  # Inception-style crop (scale 0.08..1 by default) for large images
+    random_resized_crop: bool = False  # Inception-style crop (scale rrc_min_scale..1) for large images
     rrc_min_scale: float = 0.08
     eval_crop: float = 0.875          # large images: center crop fraction at evaluation / feature extraction
+
+    def check(self, w: str) -> None:
+        _check(0.0 <= self.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {self.zoom}")
+        _check(self.crop_padding >= 0, w, "crop_padding", "must be >= 0")
+        _check(0.0 < self.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")
+        _check(0.0 < self.eval_crop <= 1.0, w, "eval_crop", "must be in (0, 1]")
 
 
 @dataclass
 class EarlyStoppingConfig:
     enabled: bool = False
-    monitor: str = "val_loss"
-    mode: str = "auto"                # auto | min | max
+    monitor: Monitor = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
     patience: int = 0
     min_delta: float = 0.0
     restore_best_weights: bool = False
     start_from_epoch: int = 0
     baseline: float = float("nan")    # nan = none
+
+    def check(self, w: str) -> None:
+        _check(self.patience >= 0, w, "patience", "must be >= 0")
+        _check(self.min_delta >= 0, w, "min_delta", "must be >= 0 (Keras uses its absolute value)")
+        _check(self.start_from_epoch >= 0, w, "start_from_epoch", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """What `best.pt` and `best_epoch` mean when early stopping is off (when it is on, its monitor decides)."""
+    monitor: Monitor = "val_accuracy"
+    mode: Literal["auto", "min", "max"] = "max"
+
+    def check(self, w: str) -> None:
+        pass
 
 
 @dataclass
@@ -95,11 +169,17 @@ class ReportConfig:
     reference_accuracy: float = float("nan")  # the practice's own reported test accuracy for this row
     reference_loss: float = float("nan")
 
+    def check(self, w: str) -> None:
+        pass
+
 
 @dataclass
 class TrackingConfig:
-    loggers: list = field(default_factory=list)   # extra trackers besides the run folder: tensorboard, mlflow
+    loggers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)  # besides the run folder
     mlflow_uri: str = ""              # "" -> $MLFLOW_TRACKING_URI, else a local store in <runs dir>/mlruns
+
+    def check(self, w: str) -> None:
+        pass
 
 
 @dataclass
@@ -113,8 +193,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self, where: str) -> None:
+        """Each table's own checks, then the rules that span tables."""
+        _check(self.seed >= 0, where, "seed", "must be >= 0")
+        _check(self.seeds >= 1, where, "seeds", "must be >= 1")
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), where, "device",
+               f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        for name in SECTIONS:
+            getattr(self, name).check(f"{where}: [{name}]")
+        es = self.early_stopping
+        if es.enabled and es.monitor.startswith("val_"):
+            _check(self.data.val_fraction > 0, f"{where}: [early_stopping]", "monitor",
+                   f"is {es.monitor!r} but [data] val_fraction = 0 gives no validation split")
+        a = self.augment
+        if a.random_resized_crop and (a.zoom or a.crop_padding):
+            raise ConfigError(f"{where}: [augment] random_resized_crop already draws the scale and position of each "
+                              f"view; it cannot be combined with zoom or crop_padding (set those to 0)")
 
 
 # Field types are strings under postponed annotations; resolve them once.
@@ -125,8 +223,16 @@ SECTIONS = {name: tp for name, tp in _HINTS.items() if dataclasses.is_dataclass(
 # ---------------------------------------------------------------- type checking
 
 def _type_ok(value: Any, tp: Any) -> bool:
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
         return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is type(None):
+        return value is None
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -135,8 +241,13 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
     if isinstance(tp, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+        return " or ".join(_type_name(t) for t in typing.get_args(tp) if t is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     return {int: "integer", float: "number", bool: "true/false", str: "string", list: "list", dict: "table"}.get(tp, str(tp))
 
 
@@ -149,7 +260,8 @@ def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"{where}: '{key}' is a table; write [{key}] or {key}.<key> = value")
     if not _type_ok(value, tp):
-        raise ConfigError(f"{where}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+        article = "" if typing.get_origin(tp) is Literal else "a "
+        raise ConfigError(f"{where}: '{key}' must be {article}{_type_name(tp)}, got {value!r}")
     if tp is float or (isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.5, tp)):
         value = float(value)
     setattr(obj, key, value)
@@ -169,22 +281,24 @@ def apply_dict(cfg: Config, raw: dict, source: str) -> Config:
     return cfg
 
 
-def _parse_value(text: str) -> Any:
-    """A command-line value: parsed as TOML when it is valid TOML, else a plain string."""
+# ---------------------------------------------------------------- overrides
+
+def parse_set(item: str) -> Override:
+    """`--set KEY=VALUE`: the value is parsed as TOML when it is valid TOML, else kept as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+    key, text = item.split("=", 1)
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        value = text.strip()
+    return key.strip(), value
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """`--set section.key=value` overrides, e.g. train.epochs=5 or data.classes=[0,1,2]."""
+def apply_overrides(cfg: Config, overrides: list[Override | str]) -> Config:
+    """Typed overrides, in order: ("train.epochs", 5), or `--set` strings such as "data.classes=[0,1,2]"."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        value = _parse_value(text.strip())
+        key, value = parse_set(item) if isinstance(item, str) else item
         if "." in key:
             section, sub = key.split(".", 1)
             if section not in SECTIONS:
@@ -194,6 +308,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             _set_field(cfg, key, value, "--set")
     return cfg
 
+
+# ---------------------------------------------------------------- files
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
@@ -205,16 +321,51 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 
 
-def load_config(path: str | Path, overrides: list[str] = (), data_preset: tuple[dict, str] | None = None) -> Config:
-    """Read a config file, then an optional data preset (its [data] keys win), then --set overrides."""
-    cfg = Config()
+def read_with_base(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config file's tables merged over those of its `base` chain (key by key; `name` not inherited)."""
+    path = Path(path)
     raw = read_toml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a string naming a config, got {base!r}")
+    base_path = _resolve_base(base, path)
+    if base_path.resolve() in _seen:
+        raise ConfigError(f"{path}: base = {base!r} makes a cycle of configs")
+    merged = read_with_base(base_path, _seen + (path.resolve(),))
+    merged.pop("name", None)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_base(base: str, including: Path) -> Path:
+    for cand in (including.parent / base, including.parent / f"{base}.toml"):
+        if cand.is_file():
+            return cand
+    from cnnlab.configs import config_file
+    try:
+        return config_file(base)
+    except ConfigError:
+        raise ConfigError(f"{including}: base = {base!r} is neither a file beside it nor a packaged config "
+                          f"(`cnnlab configs` lists them)") from None
+
+
+def load_config(path: str | Path, overrides: list[Override | str] = (),
+                data_preset: tuple[dict, str] | None = None) -> Config:
+    """Read a config file (and its base), then an optional data preset (its [data] keys win), then overrides."""
+    cfg = Config()
+    raw = read_with_base(path)
     apply_dict(cfg, raw, str(path))
     if data_preset is not None:
         preset, preset_source = data_preset
         apply_dict(cfg, {"data": preset.get("data", {})}, preset_source)
     apply_overrides(cfg, list(overrides))
-    validate(cfg, str(path))
+    cfg.check(str(path))
     if cfg.name == "experiment" and "name" not in raw:
         cfg.name = Path(path).stem
     return cfg
@@ -222,96 +373,21 @@ def load_config(path: str | Path, overrides: list[str] = (), data_preset: tuple[
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
     cfg = apply_dict(Config(), copy.deepcopy(raw), source)
-    validate(cfg, source)
+    cfg.check(source)
     return cfg
 
 
 def to_dict(cfg: Config) -> dict:
-    """Plain dict for TOML/JSON; NaN floats (meaning 'unset') are dropped since TOML writers differ on them."""
+    """Plain dict for TOML/JSON; unset values (None, NaN) are dropped since TOML has neither."""
     def clean(d: dict) -> dict:
         out = {}
         for k, v in d.items():
             if isinstance(v, dict):
                 out[k] = clean(v)
-            elif not (isinstance(v, float) and v != v):
+            elif v is not None and not (isinstance(v, float) and v != v):
                 out[k] = v
         return out
     return clean(dataclasses.asdict(cfg))
-
-
-# ---------------------------------------------------------------- range checks
-
-def _check(cond: bool, where: str, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: '{key}' {msg}")
-
-
-def _choice(value: str, choices: tuple, where: str, key: str) -> None:
-    _check(value in choices, where, key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
-def validate(cfg: Config, where: str) -> None:
-    d, t, a, es = cfg.data, cfg.train, cfg.augment, cfg.early_stopping
-    _check(cfg.seed >= 0, where, "seed", "must be >= 0")
-    _check(cfg.seeds >= 1, where, "seeds", "must be >= 1")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), where, "device",
-           f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
-    w = f"{where}: [data]"
-    _check(0.0 <= d.val_fraction < 1.0, w, "val_fraction", f"must be in [0, 1); got {d.val_fraction}")
-    _choice(d.val_split, ("stratified", "random", "last", "first"), w, "val_split")
-    _check(d.max_train_per_class >= 0, w, "max_train_per_class", "must be >= 0")
-    _check(d.max_test_per_class >= 0, w, "max_test_per_class", "must be >= 0")
-    _check(d.image_size >= 0, w, "image_size", "must be >= 0")
-    _check(cfg.model.input_size >= 0, f"{where}: [model]", "input_size", "must be >= 0")
-    _check(all(isinstance(h, int) and h > 0 for h in cfg.model.head), f"{where}: [model]", "head",
-           "must list positive layer sizes, e.g. [400]")
-    if isinstance(d.classes, int):
-        _check(d.classes >= 0, w, "classes", "must be >= 0 (0 = all classes) or a list")
-    else:
-        _check(len(d.classes) > 0, w, "classes", "must not be an empty list")
-        _check(all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in d.classes), w, "classes",
-               "must list class indices or class names")
-    _check(d.synthetic_train > 0, w, "synthetic_train", "must be > 0")
-    _check(d.synthetic_test > 0, w, "synthetic_test", "must be > 0")
-    w = f"{where}: [train]"
-    _choice(t.optimizer, ("sgd", "adam", "adamw"), w, "optimizer")
-    if t.lr is None:  # resolved here so the saved config states the value actually used
-        t.lr = default_lr(t.optimizer)
-    _check(t.lr > 0, w, "lr", f"must be > 0 (omit it for the optimizer's Keras default); got {t.lr}")
-    _check(t.epochs >= 1, w, "epochs", f"must be >= 1; got {t.epochs}")
-    _check(t.batch_size >= 1, w, "batch_size", f"must be >= 1; got {t.batch_size}")
-    _check(t.eval_batch_size >= 1, w, "eval_batch_size", "must be >= 1")
-    _check(0.0 <= t.momentum < 1.0, w, "momentum", f"must be in [0, 1); got {t.momentum}")
-    _check(t.weight_decay >= 0, w, "weight_decay", "must be >= 0")
-    _check(t.eps > 0, w, "eps", "must be > 0")
-    _check(0.0 <= t.label_smoothing < 1.0, w, "label_smoothing", "must be in [0, 1)")
-    _choice(t.schedule, ("constant", "cosine", "onecycle"), w, "schedule")
-    _check(0 <= t.warmup_epochs < t.epochs or t.warmup_epochs == 0, w, "warmup_epochs", "must be in [0, epochs)")
-    _choice(t.normalize, ("none", "featurewise", "backbone"), w, "normalize")
-    _choice(t.precision, ("fp32", "bf16", "auto"), w, "precision")
-    _check(t.head_epochs >= 0, w, "head_epochs", "must be >= 0")
-    _check(t.backbone_lr_mult >= 0, w, "backbone_lr_mult", "must be >= 0")
-    _check(t.checkpoint_every >= 1, w, "checkpoint_every", "must be >= 1")
-    w = f"{where}: [augment]"
-    _check(0.0 <= a.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {a.zoom}")
-    _check(a.crop_padding >= 0, w, "crop_padding", "must be >= 0")
-    _check(0.0 < a.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")
-    _check(0.0 < a.eval_crop <= 1.0, w, "eval_crop", "must be in (0, 1]")
-    for name in cfg.tracking.loggers:
-        _check(name in ("tensorboard", "mlflow"), f"{where}: [tracking]", "loggers",
-               f"lists {name!r}; choose among tensorboard, mlflow")
-    w = f"{where}: [early_stopping]"
-    _choice(es.mode, ("auto", "min", "max"), w, "mode")
-    _check(es.patience >= 0, w, "patience", "must be >= 0")
-    _check(es.min_delta >= 0, w, "min_delta", "must be >= 0 (Keras uses its absolute value)")
-    _check(es.start_from_epoch >= 0, w, "start_from_epoch", "must be >= 0")
-    _check(es.monitor in MONITORS or not es.enabled, w, "monitor",
-           f"must be one of {', '.join(MONITORS)}; got {es.monitor!r}")
-    if es.enabled and es.monitor.startswith("val_"):
-        _check(d.val_fraction > 0, w, "monitor", f"is {es.monitor!r} but [data] val_fraction = 0 gives no validation split")
-
-
-MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def default_lr(optimizer: str) -> float:

@@ -86,3 +86,17 @@ def shutdown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of `obj` on every rank (e.g. the folder rank 0 created); obj itself on one process."""
+    if not _INFO.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if _INFO.enabled:
+        dist.barrier()

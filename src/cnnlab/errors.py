@@ -25,3 +25,7 @@ class RunInterrupted(Exception):
     def __init__(self, path):
         super().__init__(str(path))
         self.path = path
+
+
+class DataMissing(DataError):
+    """A data set whose files are absent (and could not be downloaded): a suite stops before any row."""

@@ -1,28 +1,30 @@
-"""One experiment, start to finish: config -> data -> model -> fit -> test -> run folder.
+"""One experiment, start to finish: config -> data -> model -> fit -> test evaluation -> run folder.
 
-This is the only place that sees the whole Config; it hands each part its own table.
+This is the only place that sees the whole Config; it hands each part its own table. `run_experiment`
+reads top to bottom as the pipeline it is; each step is a function of a screen below it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cnnlab.augment import Augmenter, Normalizer
-from cnnlab.callbacks import EarlyStopping
 from cnnlab import distributed
+from cnnlab.augment import Augmenter
+from cnnlab.callbacks import (Callback, EarlyStopping, HistoryWriter, ModelCheckpoint, PrintLogger, ProgressBar,
+                              TrackerLogger, make_monitor)
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
-from cnnlab.engine import Batches, FitResult, Trainer, fit, resolve_device, use_bf16
+from cnnlab.device import resolve_device, use_bf16
+from cnnlab.engine import Batches, FitResult, Trainer, fit
 from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
 from cnnlab.models import count_params, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
-from cnnlab.trackers import make_trackers
-from cnnlab.runs import RunFolder, environment, load_checkpoint, save_checkpoint, write_json
+from cnnlab.preprocess import Normalizer, Preprocess
+from cnnlab.runs import Results, RunFolder, RunRecorder, environment, load_checkpoint
 
 
 @dataclass
@@ -30,26 +32,15 @@ class Splits:
     train: Batches
     val: Batches
     test: Batches
-    normalizer: Normalizer
+    normalizer: Normalizer          # applied to the batches above (identity for cached features)
 
 
-def prepare_splits(ds: Dataset, cfg: DataConfig, normalize: str, seed: int, device: torch.device,
-                   backbone_norm: Normalizer | None = None) -> Splits:
-    """Hold out validation, fit the normalizer on the training split only, move everything to the device."""
-    tr, va = split_train_val(ds.y_train, cfg.val_fraction, cfg.val_split, seed)
-    x_tr = ds.x_train[tr]
-    if normalize == "featurewise" and x_tr.dtype == torch.uint8:
-        norm = Normalizer.fit(x_tr)
-    elif normalize == "backbone" or backbone_norm is not None:
-        norm = backbone_norm or Normalizer()
-    else:
-        norm = Normalizer()
-
-    def dev(x, y):
-        return Batches(x.to(device), y.to(device))
-
-    return Splits(dev(x_tr, ds.y_train[tr]), dev(ds.x_train[va], ds.y_train[va]),
-                  dev(ds.x_test, ds.y_test), norm)
+@dataclass
+class RunOutcome:
+    """What run_experiment hands back, on every rank: the run folder (None on ranks > 0) and its results."""
+    path: Path | None
+    results: Results
+    history: list[dict]
 
 
 class DataCache:
@@ -66,124 +57,161 @@ class DataCache:
         return self._cache[key]
 
 
-def frozen_features(cfg: Config, model: nn.Module, norm: Normalizer, size: int, ds: Dataset,
-                    device: torch.device, quiet: bool) -> tuple[Dataset, dict]:
+def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>", progress: str = "bar",
+                   data_cache: DataCache | None = None, argv: list[str] | None = None,
+                   resume: RunFolder | None = None, folder: RunFolder | None = None,
+                   callbacks: list[Callback] = ()) -> RunOutcome:
+    """Run one config (or resume the run in `resume`); `folder`: an existing empty folder to write into.
+    Under torchrun every rank runs this; only rank 0 writes (its RunRecorder is the only real one)."""
+    main = distributed.init_from_env().is_main
+    progress = progress if main else "none"
+    device = resolve_device(cfg.device)
+    ds = (data_cache or DataCache()).get(cfg.data, progress != "bar")
+    torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
+    model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
+    table = summary(model, (3, size, size))
+    tr_idx, va_idx = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
+    image_norm = choose_normalizer(cfg.train.normalize, ds.x_train[tr_idx], backbone_norm, source)
+    preprocess = Preprocess.from_normalizer(image_norm, ds.x_train.shape[-1], size, cfg.augment.eval_crop)
+    test_images, trained, extra = ds.x_test, model, {}
+    if cfg.train.freeze_backbone:
+        ds, extra = frozen_features(model, cfg.model.name, preprocess, ds, device,
+                                    use_bf16(cfg.train.precision, device), progress != "bar", source)
+        trained, image_norm = model.head, Normalizer()
+    splits = to_device(ds, tr_idx, va_idx, image_norm, device)
+    if cfg.train.batch_size > len(splits.train):
+        raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
+                          f"split ({len(splits.train)} images); lower it")
+    notes = split_warnings(ds, tr_idx, va_idx, cfg.data)
+
+    recorder = RunRecorder((resume or folder or RunFolder.create(runs_dir, cfg.name)) if main else None)
+    try:
+        if not resume:
+            record_start(recorder, cfg, model, ds, preprocess, table, device, argv, source, trained is not model)
+        recorder.start_trackers(cfg.tracking.loggers, to_dict(cfg), cfg.tracking.mlflow_uri)
+        for note in notes:
+            print(f"warning: {cfg.name}: {note}")
+        if progress == "bar":
+            print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {recorder.path}")
+            print(table)
+        trainer = Trainer(trained, cfg.train, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
+                          image_size=size if ds.x_train.ndim == 4 else None, eval_crop=cfg.augment.eval_crop)
+        identity = checkpoint_identity(cfg, ds.num_classes)
+        if resume:
+            restore(trainer, resume, identity, device, cfg)
+        checkpoint, stopper, standard = standard_callbacks(cfg, recorder, progress, len(splits.val) > 0, identity)
+        try:
+            fitted = fit(trainer, splits.train, splits.val, standard + list(callbacks))
+        except KeyboardInterrupt:
+            raise RunInterrupted(recorder.path or "") from None
+        results = finish(trainer, fitted, splits, test_images, ds.classes, checkpoint, stopper, recorder, cfg, notes,
+                         extra)
+        if progress != "none":
+            say_result(results, recorder.path)
+    finally:
+        recorder.close()
+    return RunOutcome(recorder.path, results, trainer.history)
+
+
+# ---------------------------------------------------------------- steps of the pipeline
+
+def choose_normalizer(mode: str, x_train: torch.Tensor, backbone_norm: Normalizer | None, source: str) -> Normalizer:
+    """[train] normalize: featurewise statistics of the training split, the backbone's own, or none."""
+    if mode == "featurewise":
+        return Normalizer.fit(x_train)
+    if mode == "backbone" and backbone_norm is None:
+        raise ConfigError(f"{source}: [train] normalize = 'backbone' needs a backbone model (timm, tv: or package.module:fn)")
+    if mode in ("backbone", "auto") and backbone_norm is not None:
+        return backbone_norm
+    return Normalizer()
+
+
+def prepare_splits(ds: Dataset, cfg: DataConfig, normalize: str, seed: int, device: torch.device,
+                   backbone_norm: Normalizer | None = None) -> Splits:
+    """Hold out validation, fit the normalizer on the training split only, move everything to the device
+    (the image path of run_experiment in one call, for benchmarks and notebooks)."""
+    tr, va = split_train_val(ds.y_train, cfg.val_fraction, cfg.val_split, seed)
+    return to_device(ds, tr, va, choose_normalizer(normalize, ds.x_train[tr], backbone_norm, "<config>"), device)
+
+
+def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dataset, device: torch.device,
+                    bf16: bool, quiet: bool, source: str) -> tuple[Dataset, dict]:
     """Replace images by the frozen backbone's cached features; returns the feature data set and cache info."""
+    if not hasattr(model, "backbone"):
+        raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {name!r}")
     from cnnlab.features import cached_features, weights_fingerprint
-    ident = {"backbone": cfg.model.name, "weights": weights_fingerprint(model.backbone)}
-    bf16 = use_bf16(cfg.train.precision, device)
-    args = (norm, size, cfg.augment.eval_crop, device, bf16)
+    ident = {"backbone": name, "weights": weights_fingerprint(model.backbone)}
+    args = (preprocess.normalizer(), preprocess.input_size, preprocess.eval_crop, device, bf16)
     f_tr, hit_tr = cached_features(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train", quiet=quiet)
     f_te, hit_te = cached_features(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test", quiet=quiet)
     return Dataset(f_tr, ds.y_train, f_te, ds.y_test, ds.classes, ds.name), {"features_from_cache": hit_tr and hit_te}
 
 
-def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>", progress: str = "bar",
-                   data_cache: DataCache | None = None, argv: list[str] | None = None,
-                   resume: RunFolder | None = None, folder: RunFolder | None = None,
-                   folder_prefix: str = "") -> RunFolder:
-    """Run one config; returns its run folder (results.json has status ok or diverged).
+def to_device(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, norm: Normalizer, device: torch.device) -> Splits:
+    def dev(x, y):
+        return Batches(x.to(device), y.to(device))
+    return Splits(dev(ds.x_train[tr], ds.y_train[tr]), dev(ds.x_train[va], ds.y_train[va]),
+                  dev(ds.x_test, ds.y_test), norm)
 
-    resume: continue the run in that folder from its last checkpoint. folder: write a fresh run into this
-    (existing, empty) folder instead of a new one under runs_dir. Under torchrun every rank runs this;
-    only rank 0 creates and writes the run folder.
-    """
-    main = distributed.init_from_env().is_main
-    progress = progress if main else "none"
-    device = resolve_device(cfg.device)
-    quiet = progress != "bar"
-    ds = (data_cache or DataCache()).get(cfg.data, quiet)
-    torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
-    model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1], cfg.train)
-    table = summary(model, (3, size, size))
-    extra = {}
-    trained = model
-    if cfg.train.freeze_backbone:
-        if not hasattr(model, "backbone"):
-            raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {cfg.model.name!r}")
-        ds, extra = frozen_features(cfg, model, backbone_norm, size, ds, device, quiet)
-        trained, backbone_norm = model.head, None
-    splits = prepare_splits(ds, cfg.data, cfg.train.normalize, cfg.seed, device, backbone_norm)
-    if cfg.train.batch_size > len(splits.train):
-        raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
-                          f"split ({len(splits.train)} images); lower it")
 
-    run = resume or folder or (RunFolder.create(runs_dir, folder_prefix + cfg.name) if main else None)
-    if main and not resume:
-        run.write_config(to_dict(cfg))
-        run.write_text("summary.txt", table + "\n")
-        write_json(run.path / "meta.json", {**environment(device, argv), "data": ds.describe(), "source": source,
-                                            "world_size": distributed.info().world, "params": count_params(model),
-                                            "normalizer": splits.normalizer.state_dict()})
-    if progress == "bar":
-        print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {run.path}")
-        print(table)
+def split_warnings(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, cfg: DataConfig) -> list[str]:
+    """One line when the validation split leaves classes without training (or validation) images."""
+    counts = lambda idx: torch.bincount(ds.y_train[idx], minlength=ds.num_classes)  # noqa: E731
+    notes = []
+    n_tr, n_va = counts(tr), counts(va)
+    no_train = [ds.classes[k] for k in torch.nonzero((n_tr == 0) & (n_va > 0)).flatten().tolist()]
+    if no_train:
+        notes.append(f"{len(no_train)} of {ds.num_classes} classes have no training images "
+                     f"({', '.join(no_train[:5])}{', ...' if len(no_train) > 5 else ''}): [data] val_split = "
+                     f"{cfg.val_split!r} holds out whole classes when records are sorted by class; their test "
+                     f"images can never be right. Use val_split = 'stratified' unless reproducing that on purpose")
+    if cfg.val_fraction > 0 and len(va):
+        no_val = int(((n_va == 0) & (n_tr > 0)).sum())
+        if no_val and not no_train:
+            notes.append(f"{no_val} of {ds.num_classes} classes have no validation images ([data] val_split = "
+                         f"{cfg.val_split!r}); validation accuracy does not cover them")
+    return notes
 
-    identity = checkpoint_identity(cfg, ds.num_classes)
-    view = size if ds.x_train.ndim == 4 and ds.x_train.shape[-1] != size else None
 
-    def make_trainer(net: nn.Module, epochs_cfg) -> Trainer:
-        es = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping.enabled else None
-        return Trainer(net, epochs_cfg, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
-                       image_size=view, eval_crop=cfg.augment.eval_crop, early_stopping=es)
+def record_start(recorder: RunRecorder, cfg: Config, model: nn.Module, ds: Dataset, preprocess: Preprocess,
+                 table: str, device: torch.device, argv, source: str, frozen: bool) -> None:
+    """Everything a later command needs to rebuild the model and its inputs from the folder alone."""
+    resolved = to_dict(cfg)
+    resolved["train"]["lr"] = cfg.train.effective_lr       # the value used, also when the file omits it
+    recorder.write_config(resolved)
+    recorder.write_text("summary.txt", table + "\n")
+    recorder.write_json("classes.json", list(ds.classes))
+    recorder.write_json("preprocess.json", preprocess.to_dict())
+    recorder.write_json("meta.json", {**environment(device, argv), "data": ds.describe(), "source": source,
+                                      "world_size": distributed.info().world, "params": count_params(model),
+                                      "normalizer": {"mean": preprocess.mean, "std": preprocess.std}})
+    if frozen:   # the checkpoints hold the head; the rebuilt model is this backbone + that head
+        recorder.save_checkpoint("backbone.pt", {"model": model.backbone.state_dict()})
 
-    trackers = make_trackers(cfg.tracking.loggers, run.path, to_dict(cfg), cfg.tracking.mlflow_uri) if main else []
 
-    def on_epoch_end(tr: Trainer, logs: dict, is_best: bool) -> None:
-        if not main:
-            return
-        run.write_history(tr.history)
-        for t in trackers:
-            t.log_epoch(logs)
-        if is_best:
-            save_checkpoint(run.checkpoints / "best.pt", {"model": tr.model.state_dict(), "epoch": tr.epoch})
-        if tr.epoch % cfg.train.checkpoint_every == 0 or tr.epoch == cfg.train.epochs:
-            save_checkpoint(run.checkpoints / "last.pt", {**tr.state_dict(), "identity": identity})
+def standard_callbacks(cfg: Config, recorder: RunRecorder, progress: str, has_val: bool, identity: dict):
+    """(checkpoint, early stopping or None, the list in call order): progress, early stopping, checkpoints,
+    history, trackers. Early stopping decides before the checkpoint is written, so last.pt holds its state."""
+    head = cfg.train.head_epochs
+    es = cfg.early_stopping
+    start = max(es.start_from_epoch, head) if es.enabled else head
+    stopper = EarlyStopping.from_config(es, start_from_epoch=start) if es.enabled else None
+    checkpoint = ModelCheckpoint(recorder, make_monitor(es, cfg.checkpoint, has_val), cfg.train.checkpoint_every,
+                                 start_from_epoch=start, identity=identity)
+    shown = {"bar": [ProgressBar(cfg.name)], "line": [PrintLogger()]}.get(progress, [])
+    return checkpoint, stopper, [*shown, *([stopper] if stopper else []), checkpoint, HistoryWriter(recorder),
+                                 TrackerLogger(recorder)]
 
+
+def restore(trainer: Trainer, run: RunFolder, identity: dict, device: torch.device, cfg: Config) -> None:
+    path = run.checkpoints / "last.pt"
+    state = load_checkpoint(path, map_location=device)
+    check_identity(path, state.get("identity"), identity)
     try:
-        trainer, result = _train(cfg, trained, make_trainer, splits, on_epoch_end, progress, resume, run, device,
-                                 identity)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run.path if run else "") from None
-    test_loss, test_acc = (float("nan"), float("nan")) if result.diverged else trainer.evaluate(splits.test)
-    if main:
-        results = _finish(cfg, run, trainer, result, splits, test_loss, test_acc, extra, progress)
-        for t in trackers:
-            t.log_results(results, run.path)
-            t.close()
-    return run
-
-
-def _train(cfg, net, make_trainer, splits, on_epoch_end, progress, resume, run, device,
-           identity) -> tuple[Trainer, FitResult]:
-    """Plain training, or for fine-tuning: the head alone first (backbone frozen), then everything."""
-    head_epochs = cfg.train.head_epochs if hasattr(net, "set_backbone_trainable") else 0
-    history: list[dict] = []
-    state = None
-    if resume:
-        path = run.checkpoints / "last.pt"
-        state = load_checkpoint(path, map_location=device)
-        check_identity(path, state.get("identity"), identity)
-    if state is not None and state.get("phase") == "head":
-        state = None          # killed while training the head alone: that short phase starts over
-    if head_epochs and state is None:
-        net.set_backbone_trainable(False)
-        head_cfg = dataclasses.replace(cfg.train, epochs=head_epochs, backbone_lr_mult=1.0)
-        t = make_trainer(net, head_cfg)
-        t.early_stopping, t.phase = None, "head"
-        fit(t, splits.train, splits.val, head_epochs, on_epoch_end, progress, label=f"{cfg.name} [head]")
-        net.set_backbone_trainable(True)
-        history = t.history
-    trainer = make_trainer(net, cfg.train)
-    trainer.history, trainer.epoch = list(history), len(history)
-    if state is not None:
-        try:
-            trainer.load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{run.checkpoints / 'last.pt'}: does not fit model {cfg.model.name!r} of config "
-                                  f"{cfg.name!r} ({str(e).splitlines()[0][:200]})") from None
-    result = fit(trainer, splits.train, splits.val, cfg.train.epochs, on_epoch_end, progress, label=cfg.name)
-    return trainer, result
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: does not fit model {cfg.model.name!r} of config {cfg.name!r} "
+                              f"({str(e).splitlines()[0][:200]})") from None
 
 
 def checkpoint_identity(cfg: Config, num_classes: int) -> dict:
@@ -199,37 +227,39 @@ def check_identity(path: Path, found: dict | None, expected: dict) -> None:
                               f"{expected['config']!r} (model {expected['model']!r}, {expected['num_classes']} classes)")
 
 
-def _finish(cfg: Config, run: RunFolder, trainer: Trainer, result: FitResult, splits: Splits,
-            test_loss: float, test_acc: float, extra: dict, progress: str) -> dict:
+def finish(trainer: Trainer, fitted: FitResult, splits: Splits, test_images: torch.Tensor, classes: list[str],
+           checkpoint: ModelCheckpoint, stopper: EarlyStopping | None, recorder: RunRecorder, cfg: Config,
+           notes: list[str], extra: dict) -> Results:
+    """Score the reported weights (restored best, else last) on the test split, write the results and figures."""
+    from cnnlab.evaluation import evaluate_logits, write_evaluation
     seconds = sum(h["seconds"] for h in trainer.history)
-    results = {"name": cfg.name, "status": "diverged" if result.diverged else "ok",
-               "test_loss": _nan_none(test_loss), "test_accuracy": _nan_none(test_acc),
-               "epochs_run": trainer.epoch, "epochs_max": cfg.train.epochs, "best_epoch": result.best_epoch,
-               "stopped_early": result.stopped_early, "restored_best_weights": result.restored_best,
-               "batch_size": cfg.train.batch_size, "optimizer": cfg.train.optimizer, "model": cfg.model.name,
-               "seconds": round(seconds, 3),
-               "train_images_per_second": round(len(splits.train) * trainer.epoch / max(seconds, 1e-9), 1),
-               "seed": cfg.seed, "label": cfg.report.label or cfg.name,
-               "reference_accuracy": _nan_none(cfg.report.reference_accuracy),
-               "reference_loss": _nan_none(cfg.report.reference_loss), **extra}
-    if result.diverged:
-        results["reason"] = f"loss became {trainer.history[-1]['loss']} at epoch {trainer.epoch}; lower [train] lr"
-    run.write_results(results)
-    if trainer.history:
-        plot_curves(trainer.history, run.path, cfg.report.label or cfg.name)
-    if progress != "none":
-        _say_result(cfg, results, trainer.epoch, seconds, run)
-    return results
-
-
-def _say_result(cfg: Config, results: dict, epochs: int, seconds: float, run: RunFolder) -> None:
-    if results["status"] == "diverged":
-        print(f"!! {cfg.name}: DIVERGED ({results['reason']})")
+    restored = bool(stopper and stopper.restored)
+    res = Results(name=cfg.name, status="diverged" if fitted.diverged else "ok", label=cfg.report.label or cfg.name,
+                  model=cfg.model.name, optimizer=cfg.train.optimizer, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                  epochs_max=cfg.train.epochs, epochs_run=trainer.epoch, best_epoch=checkpoint.best_epoch,
+                  stopped_early=fitted.stopped_early, restored_best_weights=restored,
+                  weights="best" if restored else "last", seconds=round(seconds, 3),
+                  train_images_per_second=round(len(splits.train) * trainer.epoch / max(seconds, 1e-9), 1),
+                  reference_accuracy=cfg.report.reference_accuracy, reference_loss=cfg.report.reference_loss,
+                  warnings=notes, extra=extra)
+    if fitted.diverged:
+        res.reason = f"loss became {trainer.history[-1]['loss']} at epoch {trainer.epoch}; lower [train] lr"
     else:
-        print(f"== {cfg.name}: test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
-              f"({epochs} epochs, {seconds:.1f}s)  -> {run.path}")
+        res.test_loss, res.test_accuracy = trainer.evaluate(splits.test)
+        if recorder.active and len(splits.test):
+            ev = evaluate_logits(trainer.predict_logits(splits.test), splits.test.y, classes)
+            res.test_top5, res.test_macro_f1 = ev.top5, ev.macro_f1
+            recorder.call(write_evaluation, ev, test_images.cpu(), title=res.label)
+    recorder.write_results(res)
+    if trainer.history:
+        recorder.call(lambda path: plot_curves(trainer.history, path, res.label))
+    return res
 
 
-def _nan_none(v: float) -> float | None:
-    return None if v != v else v
-
+def say_result(res: Results, path: Path) -> None:
+    if res.status == "diverged":
+        print(f"!! {res.name}: DIVERGED ({res.reason})")
+    else:
+        top5 = f"  top-5 {res.test_top5:.4f}" if res.test_top5 is not None else ""
+        print(f"== {res.name}: test accuracy {res.test_accuracy:.4f}{top5}  test loss {res.test_loss:.4f}  "
+              f"({res.epochs_run} epochs, {res.seconds:.1f}s)  -> {path}")

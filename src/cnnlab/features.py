@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cnnlab.augment import Normalizer, center_crop
+from cnnlab.preprocess import Normalizer, center_crop
 from cnnlab.data.images import cache_dir
-from cnnlab.engine import autocast
+from cnnlab.device import autocast
 from cnnlab.runs import save_checkpoint
 
 

@@ -45,6 +45,7 @@ def group_rows(runs: list[RunFolder]) -> list[tuple[str, list[tuple[RunFolder, d
 
 
 def build_report(folder: Path, title: str = "") -> str:
+    """The whole report as Markdown; writes the comparison figures (compare/*.png) it links to."""
     folder = Path(folder)
     suite = folder / "suite.json"
     if not title and suite.is_file():
@@ -57,41 +58,92 @@ def build_report(folder: Path, title: str = "") -> str:
     if meta:
         lines += [f"Data: {meta.get('data', '?')}. Device: {meta.get('device', '?')} ({meta.get('device_name', '')}), "
                   f"torch {meta.get('torch', '?')}, cnnlab {meta.get('cnnlab', '?')}.", ""]
-    lines += ["| experiment | model | optimizer | epochs run | batch | test accuracy | test loss | seconds | "
-              "practice's accuracy | status |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, items in groups:
-        res0 = items[0][1]
-        ok = [r for _, r in items if r.get("status") == "ok"]
-        status = ", ".join(sorted({r.get("status", "?") for _, r in items}))
-        seeds = f" (n={len(items)})" if len(items) > 1 else ""
-        epochs = "/".join(sorted({str(r.get("epochs_run", "?")) for _, r in items}))
-        if res0.get("epochs_max") and any(r.get("stopped_early") for _, r in items):
-            epochs += f" (max {res0['epochs_max']})"
-        lines.append(
-            f"| {res0.get('label', name)}{seeds} | {res0.get('model', '?')} | {res0.get('optimizer', '?')} | {epochs} | "
-            f"{res0.get('batch_size', '?')} | {_mean_std([r['test_accuracy'] for r in ok])} | "
-            f"{_mean_std([r['test_loss'] for r in ok])} | {_mean_std([r['seconds'] for r in ok], 1)} | "
-            f"{_fmt(res0.get('reference_accuracy'))} | {status} |")
+    lines += results_table(groups)
     failed = [(name, r) for name, items in groups for _, r in items if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Rows that did not finish", ""]
         lines += [f"- **{name}**: {r.get('status')}: {r.get('reason', 'no reason recorded')}" for name, r in failed]
+    warned = [(name, w) for name, items in groups for w in dict.fromkeys(x for _, r in items for x in r.get("warnings") or [])]
+    if warned:
+        lines += ["", "## Warnings (rows marked ⚠)", ""] + [f"- **{name}**: {w}" for name, w in warned]
     compare = read_json(suite).get("compare", []) if suite.is_file() else []
     if compare:
         lines += ["", "## Is the difference larger than seed-to-seed noise?", ""]
         lines += [f"- {line}" for line in compare_lines(dict(groups), compare)]
+        lines += compare_figures(folder, dict(groups), compare)
     total = sum(r.get("seconds", 0) or 0 for _, items in groups for _, r in items)
-    lines += ["", f"Total training time: {total:.1f} s.", "", "## Curves", ""]
+    lines += ["", f"Total training time: {total:.1f} s.", "", "## What each row shows", ""]
     for name, items in groups:
-        run, res = items[0]
-        rel = run.path.relative_to(folder) if run.path != folder else Path(".")
-        lines += [f"### {res.get('label', name)}", ""]
-        if (run.path / "accuracy.png").is_file():
-            lines += [f"![accuracy]({(rel / 'accuracy.png').as_posix()}) ![loss]({(rel / 'loss.png').as_posix()})", ""]
-        else:
-            lines += ["(no curves)", ""]
+        lines += row_section(folder, name, items)
     return "\n".join(lines) + "\n"
+
+
+def results_table(groups) -> list[str]:
+    lines = ["| experiment | model | optimizer | epochs run | batch | test accuracy | top-5 | macro F1 | test loss | "
+             "seconds | practice's accuracy | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, items in groups:
+        res0 = items[0][1]
+        ok = [r for _, r in items if r.get("status") == "ok"]
+        status = ", ".join(sorted({r.get("status", "?") for _, r in items}))
+        if any(r.get("warnings") for _, r in items):
+            status += " ⚠"
+        seeds = f" (n={len(items)})" if len(items) > 1 else ""
+        epochs = "/".join(sorted({str(r.get("epochs_run", "?")) for _, r in items}))
+        if res0.get("epochs_max") and any(r.get("stopped_early") for _, r in items):
+            epochs += f" (max {res0['epochs_max']})"
+        col = lambda key, digits=4: _mean_std([r.get(key) for r in ok], digits)  # noqa: E731
+        lines.append(f"| {res0.get('label', name)}{seeds} | {res0.get('model', '?')} | {res0.get('optimizer', '?')} | "
+                     f"{epochs} | {res0.get('batch_size', '?')} | {col('test_accuracy')} | {col('test_top5')} | "
+                     f"{col('test_macro_f1')} | {col('test_loss')} | {col('seconds', 1)} | "
+                     f"{_fmt(res0.get('reference_accuracy'))} | {status} |")
+    return lines
+
+
+def compare_figures(folder: Path, groups: dict, compare: list[dict]) -> list[str]:
+    """One figure per [[compare]] pair: both rows' validation accuracy and loss overlaid (band = seeds' min-max)."""
+    from cnnlab.analysis import plot_compare
+    lines = []
+    for i, c in enumerate(compare, 1):
+        hist = {key: [run.read_history() for run, r in groups.get(c[key], []) if r.get("status") == "ok"]
+                for key in ("a", "b")}
+        if not all(any(h for h in hist[key]) for key in ("a", "b")):
+            continue
+        rel = Path("compare") / f"{i:02d}-{c['a']}-vs-{c['b']}.png"
+        label = c.get("label", f"{c['a']} vs {c['b']}")
+        plot_compare(hist["a"], hist["b"], c["a"], c["b"], folder / rel, title=label)
+        lines += ["", f"**{label}**", "", f"![{label}]({rel.as_posix()})"]
+    return lines
+
+
+def row_section(folder: Path, name: str, items) -> list[str]:
+    """A row's curves read for the student (best epoch, gap, overfitting onset), its most confused classes,
+    and its figures (curves, confusion matrix, most confident errors) of the first seed."""
+    from cnnlab.analysis import curve_summary, describe
+    run, res = items[0]
+    rel = run.path.relative_to(folder) if run.path != folder else Path(".")
+    seed = f" (seed {res.get('seed')})" if len(items) > 1 else ""
+    lines = [f"### {res.get('label', name)}", ""]
+    history = run.read_history()
+    if history:
+        lines += [f"Curves{seed}: {describe(curve_summary(history))}.", ""]
+    pairs = _confused_pairs(run.path, 3)
+    if pairs:
+        lines += [f"Most confused{seed}: " + "; ".join(f"{p['true']} → {p['pred']} ({float(p['rate']):.0%})"
+                                                       for p in pairs) + ".", ""]
+    figures = [(n, f) for n, f in (("accuracy", "accuracy.png"), ("loss", "loss.png"), ("confusion", "confusion.png"),
+                                   ("errors", "errors.png")) if (run.path / f).is_file()]
+    lines += [" ".join(f"![{n}]({(rel / f).as_posix()})" for n, f in figures) if figures else "(no figures)", ""]
+    return lines
+
+
+def _confused_pairs(path: Path, n: int) -> list[dict]:
+    import csv
+    p = path / "confused_pairs.csv"
+    if not p.is_file():
+        return []
+    with open(p, encoding="utf-8", newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r.get("count") or 0) > 0][:n]
 
 
 def compare_test(a: dict[int, float], b: dict[int, float]) -> tuple[str, float] | None:

@@ -7,8 +7,15 @@ runs/<name>-<YYYYmmdd-HHMMSS>[-N]/
   results.json         test loss/accuracy, epochs run, best epoch, seconds, status (ok/diverged/failed)
   summary.txt          the model's layer table
   checkpoints/last.pt  model + optimizer + RNG + early-stopping state (for --resume)
-  checkpoints/best.pt  the best epoch's weights
+  checkpoints/best.pt  the best epoch's weights (by the run's one monitor: early stopping's, else [checkpoint]'s)
+  checkpoints/backbone.pt  frozen-feature runs: the frozen backbone (the checkpoints hold the head)
+  classes.json         class names in label order
+  preprocess.json      how images become network inputs (cnnlab.preprocess.Preprocess)
   accuracy.png, loss.png
+  per_class.csv, confusion.png, confused_pairs.csv, errors.png   the test-split evaluation
+
+`RunRecorder` is the only writer of a run folder: under torchrun only rank 0 has a real one, the other
+ranks get a recorder whose writes do nothing (nanoGPT's single `master_process` flag, in one place).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tomli_w
@@ -32,12 +40,24 @@ from cnnlab.errors import CheckpointError
 HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# mkstemp makes 0600 files; a finished file gets the mode a plain open() would have given it, so a lab
+# group sharing a runs folder (or a web server showing reports) can read it.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w"):
     """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
@@ -152,3 +172,107 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         with atomic_write(self.path / name) as f:
             f.write(text)
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class Results:
+    """results.json: what a run (or a failed suite row) ended with. NaN is written as null, once, here."""
+    name: str
+    status: str                       # ok | diverged | failed
+    label: str = ""
+    model: str = ""
+    optimizer: str = ""
+    batch_size: int = 0
+    seed: int = 0
+    epochs_max: int = 0
+    epochs_run: int = 0
+    best_epoch: int | None = None     # 1-based, by the run's monitor
+    stopped_early: bool = False
+    restored_best_weights: bool = False
+    weights: str = "last"             # the weights the test metrics come from: best (restored) or last
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    test_top5: float | None = None
+    test_macro_f1: float | None = None
+    seconds: float = 0.0
+    train_images_per_second: float = 0.0
+    reference_accuracy: float | None = None
+    reference_loss: float | None = None
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in {**d, **extra}.items()}
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ---------------------------------------------------------------- the recorder
+
+class RunRecorder:
+    """The one writer of a run folder; every method is a no-op where `folder` is None (ranks > 0)."""
+
+    def __init__(self, folder: RunFolder | None):
+        self.folder = folder
+        self.trackers: list = []
+
+    @property
+    def path(self) -> Path | None:
+        return self.folder.path if self.folder else None
+
+    @property
+    def active(self) -> bool:
+        return self.folder is not None
+
+    def start_trackers(self, names: list[str], config: dict, mlflow_uri: str) -> None:
+        if self.folder and names:
+            from cnnlab.trackers import make_trackers
+            self.trackers = make_trackers(names, self.folder.path, config, mlflow_uri)
+
+    def write_json(self, name: str, obj) -> None:
+        if self.folder:
+            write_json(self.folder.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.folder:
+            self.folder.write_text(name, text)
+
+    def write_config(self, cfg_dict: dict) -> None:
+        if self.folder:
+            self.folder.write_config(cfg_dict)
+
+    def write_history(self, history: list[dict]) -> None:
+        if self.folder:
+            self.folder.write_history(history)
+
+    def save_checkpoint(self, name: str, obj: dict) -> None:
+        if self.folder:
+            save_checkpoint(self.folder.checkpoints / name, obj)
+
+    def write_results(self, results: Results) -> None:
+        if self.folder:
+            self.folder.write_results(results.to_json())
+            for t in self.trackers:
+                t.log_results(results.to_json(), self.folder.path)
+
+    def call(self, fn, *args, **kwargs):
+        """Run a writer function (plots, evaluation files) with the folder path, on the writing rank only."""
+        if self.folder:
+            return fn(self.folder.path, *args, **kwargs)
+        return None
+
+    def close(self) -> None:
+        """Close the trackers (on every path: a row that raised must not leave an MLflow run active)."""
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001 - closing must not hide the run's own outcome
+                pass

@@ -16,17 +16,18 @@ import time
 import traceback
 from pathlib import Path
 
+from cnnlab import distributed
 from cnnlab.config import Config, load_config, read_toml
 from cnnlab.configs import data_preset, suite_files
-from cnnlab.errors import CnnlabError, RunInterrupted
+from cnnlab.errors import CnnlabError, DataMissing, RunInterrupted
 from cnnlab.experiment import DataCache, run_experiment
 from cnnlab.report import write_report
-from cnnlab.runs import RunFolder, read_json, write_json
+from cnnlab.runs import Results, RunFolder, RunRecorder, read_json, write_json
 
 SUITE_FILE = "_suite.toml"      # optional, in a suite folder: [[compare]] a = "row", b = "row", label = "..."
 
 
-def load_rows(name: str, overrides: list[str], data: str | None, only: list[str] | None) -> tuple[list, list[dict]]:
+def load_rows(name: str, overrides: list, data: str | None, only: list[str] | None) -> tuple[list, list[dict]]:
     """[(config file, Config)] in run order, every row validated before any runs; and the comparisons."""
     files = suite_files(name)
     preset = None
@@ -50,67 +51,98 @@ def load_rows(name: str, overrides: list[str], data: str | None, only: list[str]
     return rows, compare
 
 
-def run_suite(name: str, runs_dir: str | Path, overrides: list[str], data: str | None = None,
+def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None = None,
               only: list[str] | None = None, progress: str = "bar", argv: list[str] | None = None,
               seeds: int | None = None, resume: str | None = None) -> tuple[Path, int]:
-    """Run (or resume) every row of a suite; returns (suite folder, number of rows that did not finish ok)."""
+    """Run (or resume) every row of a suite; returns (suite folder, number of rows that did not finish ok).
+
+    Under torchrun every rank runs every row together (each its shard of every batch); rank 0 alone
+    creates and writes the suite folder, and tells the other ranks where it is."""
+    main = distributed.init_from_env().is_main
+    progress = progress if main else "none"
     if resume:
         folder = Path(resume)
         if not (folder / "suite.json").is_file():
             raise CnnlabError(f"{folder}: not a suite folder (no suite.json)")
         spec = read_json(folder / "suite.json")
         name, overrides, data, only, seeds = spec["suite"], spec["overrides"], spec["data"], spec["only"], spec["seeds"]
+        overrides = [o if isinstance(o, str) else tuple(o) for o in overrides]
     rows, compare = load_rows(name, overrides, data, only)
     seeds = seeds or max(c.seeds for _, c in rows)
+    cache = DataCache()
+    check_data(rows, cache, name)
     if not resume:
-        folder = RunFolder.create(runs_dir, Path(name).name).path
-        write_json(folder / "suite.json", {"suite": name, "overrides": overrides, "data": data, "only": only,
-                                           "seeds": seeds, "rows": [c.name for _, c in rows], "compare": compare,
-                                           "command": argv})
-    cache, failures, t0 = DataCache(), 0, time.perf_counter()
+        folder = RunFolder.create(runs_dir, Path(name).name).path if main else None
+        folder = distributed.broadcast_object(folder)
+        if main:
+            write_json(folder / "suite.json", {"suite": name, "overrides": [list(o) if isinstance(o, tuple) else o
+                                                                             for o in overrides],
+                                               "data": data, "only": only, "seeds": seeds,
+                                               "rows": [c.name for _, c in rows], "compare": compare, "command": argv})
+    failures, t0 = 0, time.perf_counter()
     for i, (f, cfg) in enumerate(rows, 1):
         for s in range(seeds):
             cfg_s = dataclasses.replace(cfg, seed=cfg.seed + s)
             path = folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))
-            failures += not _run_row(cfg_s, f, path, progress, cache, argv)
-    report = write_report(folder, title=f"cnnlab suite {name}")
-    n = len(rows) * seeds
-    print(f"\nsuite {name}: {n - failures}/{n} runs ok in {time.perf_counter() - t0:.1f}s; report: {report}")
+            failures += not _run_row(cfg_s, f, path, progress, cache, argv, main)
+    if main:
+        report = write_report(folder, title=f"cnnlab suite {name}")
+        n = len(rows) * seeds
+        print(f"\nsuite {name}: {n - failures}/{n} runs ok in {time.perf_counter() - t0:.1f}s; report: {report}")
     return folder, failures
 
 
-def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv) -> bool:
+def check_data(rows: list, cache: DataCache, suite: str) -> None:
+    """Load each distinct [data] table once before any row runs: missing data is one error, not one per row."""
+    seen = set()
+    for _, cfg in rows:
+        key = repr(sorted(vars(cfg.data).items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            cache.get(cfg.data, quiet=True)
+        except DataMissing as e:
+            raise DataMissing(f"suite {suite!r}: {e}") from None
+        except CnnlabError:
+            pass                      # a row's own data problem: that row fails and is recorded
+
+
+def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv, main: bool) -> bool:
     """Run one row into `path` (resuming or skipping what a previous attempt left); True when it ended ok."""
     run = RunFolder(path)
     previous = run.read_results() if path.is_dir() else None
     if previous and previous.get("status") == "ok":
-        print(f"== {cfg.name} (seed {cfg.seed}): finished earlier, skipped")
+        if main:
+            print(f"== {cfg.name} (seed {cfg.seed}): finished earlier, skipped")
         return True
     resume = (run.checkpoints / "last.pt").is_file() and not previous
-    if not resume and path.is_dir():
-        shutil.rmtree(path)      # a failed or never-checkpointed attempt starts over
-    path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()                # every rank has looked before rank 0 clears a failed attempt
+    if main:
+        if not resume and path.is_dir():
+            shutil.rmtree(path)          # a failed or never-checkpointed attempt starts over
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     try:
-        run = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
+        out = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
                              argv=argv, resume=run if resume else None, folder=None if resume else run)
-        return (run.read_results() or {}).get("status") == "ok"
+        return out.results.ok
     except RunInterrupted:
         raise
     except CnnlabError as e:
-        _record_failure(run, cfg, str(e))
-        print(f"!! {cfg.name}: FAILED: {e}")
+        _record_failure(run, cfg, str(e), main=main)
     except Exception as e:  # noqa: BLE001 - one broken row must not take the suite down
-        _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
-        print(f"!! {cfg.name}: FAILED: {type(e).__name__}: {e}")
+        _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc(), main)
     return False
 
 
-def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None) -> None:
-    run.path.mkdir(parents=True, exist_ok=True)
-    ref = cfg.report.reference_accuracy
-    run.write_results({"name": cfg.name, "label": cfg.report.label or cfg.name, "status": "failed", "reason": reason,
-                       "model": cfg.model.name, "optimizer": cfg.train.optimizer, "batch_size": cfg.train.batch_size,
-                       "epochs_max": cfg.train.epochs, "epochs_run": 0, "test_accuracy": None, "test_loss": None,
-                       "seconds": 0.0, "seed": cfg.seed, "reference_accuracy": None if ref != ref else ref})
+def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None, main: bool = True) -> None:
+    recorder = RunRecorder(run if main else None)
+    recorder.write_results(Results(name=cfg.name, status="failed", label=cfg.report.label or cfg.name, reason=reason,
+                                   model=cfg.model.name, optimizer=cfg.train.optimizer, batch_size=cfg.train.batch_size,
+                                   epochs_max=cfg.train.epochs, seed=cfg.seed,
+                                   reference_accuracy=cfg.report.reference_accuracy))
     if tb:
-        run.write_text("traceback.txt", tb)
+        recorder.write_text("traceback.txt", tb)
+    if main:
+        print(f"!! {cfg.name}: FAILED: {reason}")

@@ -82,20 +82,28 @@ def resolve_classes(spec: int | list, names: list[str], source: str) -> list[int
     return out
 
 
+def first_per_class(labels: np.ndarray, keep, cap: int) -> np.ndarray:
+    """Boolean mask of the records whose label is in `keep`, at most `cap` of each class (0 = all), in
+    record order: the one "first N per class" rule of every source (CIFAR, CUB, image folders)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    mask = np.isin(labels, np.fromiter(keep, dtype=np.int64))
+    if cap:
+        order = np.argsort(labels, kind="stable")           # records grouped by class, record order inside
+        sorted_labels = labels[order]
+        starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+        rank = np.empty(len(labels), dtype=np.int64)
+        rank[order] = np.arange(len(labels)) - starts       # position of each record within its class
+        mask &= rank < cap
+    return mask
+
+
 def select(x: np.ndarray, y: np.ndarray, keep: list[int], cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the listed classes (relabelled 0..k-1) and at most `cap` images of each, in record order."""
     y = np.asarray(y, dtype=np.int64)
     remap = np.full(max(int(y.max(initial=0)), max(keep)) + 1, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
-    new = remap[y]
-    mask = new >= 0
-    if cap:
-        rank = np.zeros(len(y), dtype=np.int64)   # position of each record within its class
-        for k in range(len(keep)):
-            idx = np.flatnonzero(new == k)
-            rank[idx] = np.arange(len(idx))
-        mask &= rank < cap
-    return x[mask], new[mask]
+    mask = first_per_class(y, keep, cap)
+    return x[mask], remap[y[mask]]
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:

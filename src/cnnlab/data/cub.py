@@ -39,7 +39,7 @@ from cnnlab.config import DataConfig
 from cnnlab.data import register_source
 from cnnlab.data.download import check_md5, download, extract, missing_error, resolve_data_dir
 from cnnlab.data.images import decode_cached
-from cnnlab.errors import DataError
+from cnnlab.errors import DataError, DataMissing
 
 DEFAULT_SIZE = 256     # image_size = 0: decode to 256x256; ImageNet backbones crop 224 from it
 
@@ -89,7 +89,7 @@ def locate(spec: CubSpec, cfg: DataConfig, quiet: bool = False) -> Path:
     if absent and not cfg.download:
         if len(absent) == 1:
             raise missing_error(spec.title, _filename(absent[0].url), absent[0].url, base)
-        raise DataError(f"{spec.title}: {' and '.join(_filename(a.url) for a in absent)} not found in {base} and "
+        raise DataMissing(f"{spec.title}: {' and '.join(_filename(a.url) for a in absent)} not found in {base} and "
                         f"downloads are off ([data] download = false). Download "
                         f"{' and '.join(a.url for a in absent)} and put them in {base}, or set download = true.")
     for a in todo:
@@ -204,18 +204,14 @@ def build(records_train: list, records_test: list, folders: list[str], cfg: Data
           folder: Path, quiet: bool):
     names = display_names(folders)
     # Decode only what load_dataset keeps: the selected classes and the first N of each (record order).
-    from cnnlab.data import resolve_classes
+    from cnnlab.data import first_per_class, resolve_classes
     keep = set(resolve_classes(cfg.classes, names, cfg.source))
     size = cfg.image_size or DEFAULT_SIZE
     out = []
     for split, recs, cap in (("train", records_train, cfg.max_train_per_class),
                              ("test", records_test, cfg.max_test_per_class)):
-        seen: dict[int, int] = {}
-        chosen = []
-        for p, y in recs:
-            if y in keep and (not cap or seen.get(y, 0) < cap):
-                seen[y] = seen.get(y, 0) + 1
-                chosen.append((p, y))
+        mask = first_per_class(np.asarray([y for _, y in recs], dtype=np.int64), keep, cap)
+        chosen = [r for r, m in zip(recs, mask) if m]
         if not chosen:
             raise DataError(f"{title}: no {split} images of the selected classes in {folder}")
         chosen = check_present(chosen, folder, title, cfg.skip_corrupt)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cnnlab.errors import DataError
+from cnnlab.errors import DataError, DataMissing
 
 MIRROR_ENV = "CNNLAB_DOWNLOAD_MIRROR"   # base URL that replaces the official host (e.g. a lab mirror)
 
@@ -66,7 +66,7 @@ def download(url: str, dest: Path, md5: str | None, what: str, quiet: bool = Fal
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
-        raise DataError(f"{what}: {dest.name} is not in {dest.parent} and could not be downloaded from {url} "
+        raise DataMissing(f"{what}: {dest.name} is not in {dest.parent} and could not be downloaded from {url} "
                         f"({reason}). Download it by hand and put it in {dest.parent} "
                         f"(or point --data-dir / $CNNLAB_DATA at the folder that holds it).") from None
     if md5 and h.hexdigest() != md5:
@@ -77,8 +77,8 @@ def download(url: str, dest: Path, md5: str | None, what: str, quiet: bool = Fal
     return dest
 
 
-def missing_error(what: str, filename: str, url: str, folder: Path) -> DataError:
-    return DataError(f"{what}: {filename} not found in {folder} and downloads are off ([data] download = false). "
+def missing_error(what: str, filename: str, url: str, folder: Path) -> DataMissing:
+    return DataMissing(f"{what}: {filename} not found in {folder} and downloads are off ([data] download = false). "
                      f"Download {url} and put it in {folder}, or set download = true.")
 
 

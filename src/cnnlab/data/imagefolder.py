@@ -8,20 +8,19 @@ import numpy as np
 from cnnlab.config import DataConfig
 from cnnlab.data import register_source
 from cnnlab.data.images import decode_cached, list_images
-from cnnlab.errors import DataError
+from cnnlab.errors import DataError, DataMissing
 
 
-def _scan(split_dir: Path, classes: list[str], cap: int, keep_classes: set[int] | None):
+def _scan(split_dir: Path, classes: list[str], cap: int, keep: set[int]):
+    """Image files of the kept classes (file-name order inside a class), at most `cap` of each."""
+    from cnnlab.data import first_per_class
     paths, labels = [], []
-    for k, c in enumerate(classes):
-        if keep_classes is not None and k not in keep_classes:
-            continue
-        files = list_images(split_dir / c) if (split_dir / c).is_dir() else []
-        if cap:
-            files = files[:cap]   # first N per class, in file-name order
+    for k in sorted(keep):
+        files = list_images(split_dir / classes[k]) if (split_dir / classes[k]).is_dir() else []
         paths += files
         labels += [k] * len(files)
-    return paths, np.asarray(labels, dtype=np.int64)
+    mask = first_per_class(np.asarray(labels, dtype=np.int64), keep, cap)
+    return [p for p, m in zip(paths, mask) if m], np.asarray(labels, dtype=np.int64)[mask]
 
 
 @register_source("imagefolder")
@@ -31,7 +30,7 @@ def imagefolder(cfg: DataConfig, quiet: bool = False):
     root = Path(cfg.data_dir).expanduser()
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise DataError(f"imagefolder: {root / split} not found; expected {root}/train/<class>/<image> "
+            raise DataMissing(f"imagefolder: {root / split} not found; expected {root}/train/<class>/<image> "
                             f"and {root}/test/<class>/<image>")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:

@@ -30,17 +30,25 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def pil_to_array(im: Image.Image, size: int) -> np.ndarray:
+    """A PIL image -> uint8 (3, S, S): RGB, shorter side resized to `size`, centre-cropped (size 0: as is).
+
+    The one definition of how an image becomes a stored sample; data sets (via `_load_one`) and
+    `cnnlab.predict` both call it, so a new image is fed exactly as the training images were."""
+    im = im.convert("RGB")
+    if size:
+        w, h = im.size
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
 def _load_one(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size:
-            w, h = im.size
-            s = size / min(w, h)
-            nw, nh = max(size, round(w * s)), max(size, round(h * s))
-            im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        return pil_to_array(im, size)
 
 
 def decode(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: bool = False):

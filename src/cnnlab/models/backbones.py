@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.augment import Normalizer
-from cnnlab.config import ModelConfig, TrainConfig
+from cnnlab.preprocess import Normalizer
+from cnnlab.config import ModelConfig
 from cnnlab.errors import CnnlabError, ConfigError
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
@@ -195,7 +195,7 @@ def create_backbone(name: str, weights: str = "", args: dict | None = None) -> t
     return model, num_features, norm, size
 
 
-def build_transfer_model(cfg: ModelConfig, num_classes: int, input_size: int, train: TrainConfig):
+def build_transfer_model(cfg: ModelConfig, num_classes: int) -> tuple[TransferNet, Normalizer, int]:
     backbone, nf, norm, size = create_backbone(cfg.name, cfg.weights, cfg.args)
     size = cfg.input_size or size
     model = TransferNet(backbone, nf, num_classes, [int(h) for h in cfg.head])
