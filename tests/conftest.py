@@ -83,3 +83,55 @@ batch_size = 32
 precision = "fp32"
 """
     return text + (f'[report]\nlabel = "{label}"\n' if label else "")
+
+
+class LineReader:
+    """Reads a child's output on a thread, so a test can wait for a line with a deadline (never forever)."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.seen = ""
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, prefix: str, timeout: float = 240) -> str:
+        """Returns everything read once a line starting with `prefix` arrived; fails at EOF or the deadline."""
+        import queue
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line starting with {prefix!r} within {timeout}s; got:\n{self.seen[-2000:]}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"the process ended before a line starting with {prefix!r}:\n{self.seen[-2000:]}")
+            self.seen += line
+            if line.startswith(prefix):
+                return self.seen
+
+
+def wait_for_checkpoint(folder: Path, min_epoch: int, timeout: float = 240) -> Path:
+    """The first last.pt under `folder` that holds at least `min_epoch` epochs (polled, with a deadline)."""
+    import time
+
+    import torch
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in folder.rglob("checkpoints/last.pt"):
+            try:
+                if torch.load(path, weights_only=True, map_location="cpu")["epoch"] >= min_epoch:
+                    return path
+            except Exception:  # noqa: BLE001 - being replaced right now: look again
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of epoch >= {min_epoch} under {folder} within {timeout}s")

@@ -178,7 +178,9 @@ def test_suite_report_and_rebuild(tmp_path):
         cells = rows[label]
         assert cells[1] == "basenet" and cells[2] == "adam" and cells[3] == "3" and cells[4] == "32"
         assert cells[5] == f"{res['test_accuracy']:.4f}"
-        assert cells[6] == f"{res['test_loss']:.4f}"
+        assert cells[6] == f"{res['test_top5']:.4f}" and cells[7] == f"{res['test_macro_f1']:.4f}"
+        assert cells[8] == f"{res['test_loss']:.4f}"
+        assert f"(rows/{row_dir.name}/confusion.png)" in report and f"(rows/{row_dir.name}/errors.png)" in report
         assert cells[-1] == "ok"
         assert f"(rows/{row_dir.name}/accuracy.png)" in report
 

@@ -23,7 +23,7 @@ name = "basenet"
 [train]
 optimizer = "sgd"
 lr = 0.05
-epochs = 3
+epochs = 2
 batch_size = 64
 precision = "fp32"
 [augment]
@@ -31,15 +31,13 @@ zoom = 0.2
 hflip = true
 """
 
-# Tolerance of the DDP-vs-single-process comparison. The two differ only in float summation order
-# (per-shard gradient sums, then an all-reduce): the first epochs agree to ~1e-7. SGD at lr 0.05 then
-# amplifies those last-bit differences (seen here: identical to 1e-7 through epoch 2, 0.6% apart in loss
-# at epoch 3, and the same numbers from the code before the callback rewrite), so the tight bound holds
-# for the first epoch and the later epochs are compared as trajectories, not bits.
+# Tolerance of the DDP-vs-single-process comparison: the two differ only in float summation order
+# (per-shard gradient sums, then an all-reduce). Two epochs agree to ~1e-7 here; SGD at lr 0.05 amplifies
+# those last bits during a third epoch (0.6% in loss, 9% in val_loss seen on this config, with the code
+# before the callback rewrite as well), so the comparison stops where it is a test of the sharding and not
+# of chaos.
 LOSS_RTOL = 1e-3
-LATER_LOSS_RTOL = 0.03
 ACC_ATOL = 0.01
-LATER_ACC_ATOL = 0.05
 
 
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
@@ -58,17 +56,16 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assert json.loads((ddp_run / "meta.json").read_text())["world_size"] == 2
     h1 = json.loads((single_run / "history.json").read_text())
     h2 = json.loads((ddp_run / "history.json").read_text())
-    assert len(h1) == len(h2) == 3
-    for i, (a, b) in enumerate(zip(h1, h2)):
-        rtol, atol = (LOSS_RTOL, ACC_ATOL) if i == 0 else (LATER_LOSS_RTOL, LATER_ACC_ATOL)
+    assert len(h1) == len(h2) == 2
+    for a, b in zip(h1, h2):
         for k in ("loss", "val_loss"):
-            assert b[k] == pytest.approx(a[k], rel=rtol), (k, a, b)
+            assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL), (k, a, b)
         for k in ("accuracy", "val_accuracy"):
-            assert abs(a[k] - b[k]) <= atol, (k, a, b)
+            assert abs(a[k] - b[k]) <= ACC_ATOL, (k, a, b)
     r1 = json.loads((single_run / "results.json").read_text())
     r2 = json.loads((ddp_run / "results.json").read_text())
-    assert r2["test_loss"] == pytest.approx(r1["test_loss"], rel=LATER_LOSS_RTOL)
-    assert abs(r2["test_accuracy"] - r1["test_accuracy"]) <= LATER_ACC_ATOL
+    assert r2["test_loss"] == pytest.approx(r1["test_loss"], rel=LOSS_RTOL)
+    assert abs(r2["test_accuracy"] - r1["test_accuracy"]) <= ACC_ATOL
 
 
 def test_shards_cover_a_batch_exactly_once():
@@ -117,3 +114,38 @@ def test_unknown_logger_is_a_config_error(tmp_path):
     cfg.write_text(CFG + '\n[tracking]\nloggers = ["wandb"]\n')
     proc = run_cli(["run", cfg, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
     assert proc.returncode == 2 and "loggers" in proc.stderr and str(cfg) in proc.stderr
+
+
+def test_suite_under_torchrun_makes_one_folder_and_every_row_ok(tmp_path):
+    """Rank 0 alone creates and writes the suite folder; the other rank finds it and trains every row too."""
+    from conftest import synthetic_row
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "01_a.toml").write_text(synthetic_row("a", 0.002, 2))
+    (d / "02_b.toml").write_text(synthetic_row("b", 0.001, 2))
+    env = subprocess_env(tmp_path / "home", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cnnlab", "suite", str(d), "--runs-dir", str(tmp_path / "runs"), "-q"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1, folders
+    results = [json.loads(p.read_text()) for p in sorted(folders[0].rglob("results.json"))]
+    assert [(r["name"], r["status"]) for r in results] == [("a", "ok"), ("b", "ok")]
+    meta = json.loads(next(folders[0].rglob("meta.json")).read_text())
+    assert meta["world_size"] == 2
+    assert "2/2 runs ok" in proc.stdout and "FAILED" not in proc.stdout + proc.stderr
+
+
+def test_suite_with_missing_data_says_so_once_before_any_row(tmp_path):
+    from conftest import synthetic_row
+    d = tmp_path / "s"
+    d.mkdir()
+    for i in range(3):
+        row = synthetic_row(f"r{i}", 0.001, 1).replace('source = "synthetic"', 'source = "cifar10"')
+        (d / f"0{i}_r{i}.toml").write_text(row)
+    proc = run_cli(["suite", d, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: suite") and "cifar-10-python.tar.gz" in lines[0], lines
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("results.json"))

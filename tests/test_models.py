@@ -92,27 +92,32 @@ def test_create_model_bad_args():
 
 
 def test_register_model(monkeypatch):
-    monkeypatch.setattr(models_mod, "_MODELS", dict(models_mod._MODELS))
-    monkeypatch.setattr(models_mod, "_DESCRIPTIONS", dict(models_mod._DESCRIPTIONS))
+    with monkeypatch.context() as m:
+        m.setattr(models_mod, "_MODELS", dict(models_mod._MODELS))
+        m.setattr(models_mod, "_DESCRIPTIONS", dict(models_mod._DESCRIPTIONS))
 
-    @register_model
-    def tiny_test_net(num_classes: int = 10, hidden: int = 4) -> nn.Module:
-        """A tiny net for the registry test.
+        @register_model
+        def tiny_test_net(num_classes: int = 10, hidden: int = 4) -> nn.Module:
+            """A tiny net for the registry test.
 
-        More text that is not shown."""
-        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+            More text that is not shown."""
+            return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
-    assert "tiny_test_net" in list_models()
-    assert describe("tiny_test_net") == "A tiny net for the registry test."
-    m = create_model("tiny_test_net", 7, hidden=5)
-    assert m(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
-    assert count_params(m) == 3 * 32 * 32 * 5 + 5 + 5 * 7 + 7
-    with pytest.raises(ValueError, match="twice"):
-        register_model(tiny_test_net)
-
-
-def test_register_model_does_not_leak():
+        assert "tiny_test_net" in list_models()
+        assert describe("tiny_test_net") == "A tiny net for the registry test."
+        model = create_model("tiny_test_net", 7, hidden=5)
+        assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
+        assert count_params(model) == 3 * 32 * 32 * 5 + 5 + 5 * 7 + 7
+        with pytest.raises(ValueError, match="twice"):
+            register_model(tiny_test_net)
+    # The registration does not leak out of the test (checked here, not by a test that relies on running later).
     assert "tiny_test_net" not in list_models()
+
+
+def test_docstring_counts_match_cnnlab_models():
+    for name in ("basenet", "resnet9s"):
+        count = f"{keras_param_count(create_model(name, 25)):,}"
+        assert count in describe(name), (name, count, describe(name))
 
 
 def _total(text: str) -> int:

@@ -18,7 +18,7 @@ import torch
 from cnnlab.report import compare_test
 from cnnlab.runs import RunFolder, load_checkpoint
 
-from conftest import ROOT, run_cli, subprocess_env, synthetic_row
+from conftest import ROOT, LineReader, run_cli, subprocess_env, synthetic_row, wait_for_checkpoint
 
 CFG = """
 name = "res"
@@ -63,20 +63,17 @@ def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
     assert full.returncode == 0, full.stderr
     full_run = next((tmp_path / "full").iterdir())
 
-    # Start the same run, SIGKILL it after its 2nd epoch checkpoint exists, then resume.
+    # Start the same run, SIGKILL it once its 2nd epoch checkpoint exists, then resume.
     env = subprocess_env(tmp_path / "home")
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "killed"), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    deadline = time.time() + 240
-    seen = ""
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen += line
-        if line.startswith("epoch 2/5"):
-            break
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    out = LineReader(proc.stdout)
+    try:
+        wait_for_checkpoint(tmp_path / "killed", 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    seen = out.seen
     killed_run = next((tmp_path / "killed").iterdir())
     assert not (killed_run / "results.json").exists(), seen
     epoch_at_kill = load_checkpoint(killed_run / "checkpoints" / "last.pt")["epoch"]
@@ -100,8 +97,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "runs"), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    while not proc.stdout.readline().startswith("epoch 1/"):
-        pass
+    LineReader(proc.stdout).wait_for("epoch 1/")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
@@ -204,16 +200,25 @@ def test_suite_resume_continues_an_interrupted_row(tmp_path):
     env = subprocess_env(tmp_path / "home")
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "suite", str(d), "--runs-dir", str(tmp_path / "runs"), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    while not proc.stdout.readline().startswith("epoch 2/4"):
-        pass
-    proc.kill()
-    proc.wait()
+    LineReader(proc.stdout)
+    try:
+        ckpt = wait_for_checkpoint(tmp_path / "runs", 2)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
     folder = next((tmp_path / "runs").iterdir())
+    done = load_checkpoint(ckpt)["epoch"]
+    before = json.loads((ckpt.parent.parent / "history.json").read_text())[:done]
     proc = run_cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
-    assert "resum" in proc.stdout.lower() or "epoch 4/4" in proc.stdout
+    # A resumed row prints only the epochs it still had to train, and keeps the finished epochs' records
+    # (their wall-clock seconds too, which a restarted row could not reproduce).
+    assert f"resuming from epoch {done}" in proc.stdout, proc.stdout
+    printed = [int(line.split()[1].split("/")[0]) for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert printed == list(range(done + 1, 5)), proc.stdout
     hist = json.loads(next(folder.rglob("history.json")).read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert hist[:done] == before
 
 
 def test_rerun_repeats_the_recorded_config(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +48,13 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
         weights = (read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}).get("weights", "last")
     if weights not in ("best", "last"):
         raise CnnlabError(f"--weights {weights!r}: choose best, last or auto")
+    from cnnlab.models.backbones import PreprocessingWarning
     from cnnlab.models.build import build_model
-    # The architecture only: the trained weights come from the run's own checkpoints (no download).
-    model, _, _ = build_model(dataclasses.replace(cfg.model, weights="none"), len(classes), pre.image_size)
+    # The architecture only: the trained weights come from the run's own checkpoints (no download), and the
+    # inputs from preprocess.json, so a backbone's undeclared mean/std does not matter here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PreprocessingWarning)
+        model, _, _ = build_model(dataclasses.replace(cfg.model, weights="none"), len(classes), pre.image_size)
     ckpt = run_dir / "checkpoints" / f"{weights}.pt"
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: not found (the run stopped before saving its {weights} weights); "

@@ -68,10 +68,17 @@ class ModelConfig:
     head: list = field(default_factory=list)    # hidden sizes of the dense head on a backbone, e.g. [400]
     input_size: int = 0               # backbones: image size the network sees (0 = the weights' default, e.g. 224)
     args: dict = field(default_factory=dict)    # extra keyword arguments for the model function
+    # backbones: input mean/std per RGB channel of x/255, replacing the backbone's own (timm, tv:, or what a
+    # custom backbone declares in its `pretrained_cfg`); [] = the backbone's own
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
 
     def check(self, w: str) -> None:
         _check(self.input_size >= 0, w, "input_size", "must be >= 0")
         _check(all(isinstance(h, int) and h > 0 for h in self.head), w, "head", "must list positive layer sizes, e.g. [400]")
+        _check(len(self.mean) in (0, 3), w, "mean", f"must list 3 numbers (R, G, B), or [] for the backbone's own; got {self.mean}")
+        _check(len(self.std) in (0, 3) and all(s > 0 for s in self.std), w, "std",
+               f"must list 3 positive numbers (R, G, B), or [] for the backbone's own; got {self.std}")
 
 
 @dataclass

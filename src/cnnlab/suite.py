@@ -123,6 +123,8 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
             shutil.rmtree(path)          # a failed or never-checkpointed attempt starts over
         path.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
+    if resume and main:
+        print(f"== {cfg.name} (seed {cfg.seed}): resuming from epoch {_checkpoint_epoch(run)}")
     try:
         out = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
                              argv=argv, resume=run if resume else None, folder=None if resume else run)
@@ -134,6 +136,11 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
     except Exception as e:  # noqa: BLE001 - one broken row must not take the suite down
         _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc(), main)
     return False
+
+
+def _checkpoint_epoch(run: RunFolder) -> int:
+    from cnnlab.runs import load_checkpoint
+    return int(load_checkpoint(run.checkpoints / "last.pt")["epoch"])
 
 
 def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None, main: bool = True) -> None:

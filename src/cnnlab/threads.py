@@ -1,10 +1,255 @@
-"""Placeholder until the thread-count work lands (see issue 'speed', item 5)."""
+"""CPU training threads: never more compute threads than there are free cores.
+
+Why. PyTorch runs each CPU op (a oneDNN convolution, a matmul, an elementwise op over a large tensor)
+on an OpenMP pool: the op is cut into one fixed piece per thread, and it ends at a barrier where every
+thread waits for the slowest piece. When another process keeps a core busy, one of our threads has to
+share that core with it; the scheduler gives it the core only part of the time, in slices of
+milliseconds, and every op waits at its barrier for that thread to be scheduled again. A training step
+of the small CIFAR nets is hundreds of ops of tens of microseconds each, so it slows down far more than
+by the core it lost (libgomp's default wait policy, spinning at the barrier, makes it worse: the
+spinning thread uses up the time slices the descheduled one needs). On a 2-core machine with one busy
+process beside it, BaseNet training fell ~5x, while Keras, whose Eigen pool cuts work into many small
+shards taken by whichever thread is running, lost half. One thread on the free core loses nothing to
+barriers (see benchmarks/README.md for the measurements).
+
+What. `configure(model, device)` at the start of `fit` estimates how many cores other processes keep
+busy (the runnable tasks in /proc/stat that are not ours, sampled over ~40 ms) and sets torch's thread
+count to the free cores: at least 1, at most the count the process had (torch's default, the user's
+`torch.set_num_threads`, or the per-rank share under torchrun). `on_epoch_end(model, seconds)` measures
+the other processes' CPU use over the epoch just run (busy time in /proc/stat minus this process's own
+CPU time) and sets the count for the next epoch, so a load that comes or goes during training is
+followed within one epoch. Only CPU training is touched; `OMP_NUM_THREADS` in the environment pins the
+count (nothing here changes it). On an idle machine nothing changes at all.
+
+Numerics. The thread count changes only the order of float summations (oneDNN splits the batch among
+threads in the weight-gradient reductions): a run is bitwise identical to another at the same load,
+and within float rounding of it (accuracy within seed noise) when the load differed. Set
+OMP_NUM_THREADS for bitwise comparisons on a machine whose load varies.
+"""
 from __future__ import annotations
 
+import math
+import os
+import time
+from dataclasses import dataclass, field
 
-def configure(model, device) -> None:
-    pass
+import torch
+
+SLACK = 0.3          # foreign load (cores) tolerated before giving up a thread: daemons, short bursts
+MIN_WINDOW_S = 0.25  # shortest measuring window on_epoch_end decides on (shorter: keep measuring)
+PROBE_SAMPLES = 12   # configure's probe of the runnable tasks: samples, and seconds between them
+PROBE_INTERVAL_S = 0.003
 
 
-def on_epoch_end(model, seconds: float) -> None:
-    pass
+# ---------------------------------------------------------------- what the machine offers
+
+def cpu_capacity() -> float:
+    """Cores this process may run on: its CPU affinity, bounded by a cgroup CPU quota (containers)."""
+    try:
+        n = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        n = float(os.cpu_count() or 1)
+    quota = cgroup_quota()
+    return max(1.0, min(n, quota)) if quota else n
+
+
+def cgroup_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, or v1 cfs quota/period); None when unlimited or unknown."""
+    try:
+        return parse_cpu_max(open("/sys/fs/cgroup/cpu.max").read())
+    except OSError:
+        pass
+    try:
+        q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+        p = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        return q / p if q > 0 and p > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """'200000 100000' -> 2.0; 'max 100000' -> None."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        q, p = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def choose(base: int, capacity: float, foreign: float) -> int:
+    """Threads to run: the free cores (capacity - foreign load, rounded down after SLACK), in [1, base].
+    Rounding down on purpose: a thread too few costs its share, a thread too many stalls every op."""
+    free = capacity - max(0.0, foreign)
+    return max(1, min(base, math.floor(free + SLACK)))
+
+
+# ---------------------------------------------------------------- measuring the other processes
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_busy_seconds(stat_text: str, cpus: set[int] | None = None) -> float:
+    """Busy CPU seconds in /proc/stat text: user+nice+system+irq+softirq+steal (guest is inside user),
+    summed over the per-CPU lines of `cpus`, or the aggregate 'cpu' line when cpus is None."""
+    total = 0
+    for line in stat_text.splitlines():
+        if not line.startswith("cpu"):
+            continue
+        name, *vals = line.split()
+        if cpus is None:
+            if name != "cpu":
+                continue
+        elif name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in vals[:8]] + [0] * (8 - len(vals[:8]))
+        total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    return total / _CLK_TCK
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    wall: float        # perf_counter seconds
+    busy: float        # busy CPU seconds of the machine (our CPUs)
+    own: float         # CPU seconds used by this process, all its threads
+
+
+def snapshot() -> Snapshot:
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
+    busy = parse_busy_seconds(open("/proc/stat").read(), cpus)
+    return Snapshot(time.perf_counter(), busy, time.process_time())
+
+
+def foreign_cores(a: Snapshot, b: Snapshot) -> float:
+    """Cores kept busy by other processes between two snapshots (their CPU seconds / wall seconds)."""
+    dt = b.wall - a.wall
+    if dt <= 0:
+        return 0.0
+    return max(0.0, ((b.busy - a.busy) - (b.own - a.own)) / dt)
+
+
+def own_running_threads() -> int:
+    """This process's threads in state R (running or runnable) now."""
+    n = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                s = open(f"/proc/self/task/{tid}/stat").read()
+            except OSError:
+                continue
+            if s[s.rindex(")") + 2] == "R":
+                n += 1
+    except OSError:
+        return 1
+    return max(1, n)
+
+
+def procs_running(stat_text: str) -> int:
+    for line in stat_text.splitlines():
+        if line.startswith("procs_running"):
+            return int(line.split()[1])
+    return 0
+
+
+def runnable_others(samples: int = PROBE_SAMPLES, interval: float = PROBE_INTERVAL_S) -> float:
+    """Mean number of runnable tasks that are not ours (a CPU-bound process counts 1), from /proc/stat's
+    procs_running sampled while this thread sleeps. Used at the start of a fit, before an epoch's worth
+    of CPU time can be measured."""
+    tot = 0
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        tot += max(0, procs_running(open("/proc/stat").read()) - own_running_threads())
+    return tot / samples
+
+
+# ---------------------------------------------------------------- the state of this process
+
+@dataclass
+class _State:
+    active: bool = False                  # configured for CPU training and not pinned
+    base: int | None = None               # the most threads to use
+    applied: int | None = None            # the count this module set last
+    capacity: float = 1.0
+    mark: Snapshot | None = None          # start of the current measuring window
+    epochs: int = 0                       # on_epoch_end calls since configure
+    log: list[dict] = field(default_factory=list)   # every decision: {"threads", "foreign", "at"}
+
+
+_state = _State()
+
+
+def _pinned() -> bool:
+    return bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+
+
+def _apply(n: int, foreign: float, at: str) -> int:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _state.applied = n
+    _state.log.append({"threads": n, "foreign": round(foreign, 2), "at": at})
+    return n
+
+
+def configure(model=None, device=None) -> int:
+    """Call at the start of fit (and of any long CPU loop): sets torch's threads to the free cores.
+    Returns the thread count in effect."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    from cnnlab import distributed
+    if dev.type != "cpu" or _pinned() or distributed.info().enabled:
+        _state.active = False         # GPU: the CPU threads hardly matter; torchrun: the ranks share the cores
+        return torch.get_num_threads()
+    cur = torch.get_num_threads()
+    if _state.applied is None or cur != _state.applied:
+        _state.base = cur             # torch's default or the user's own set_num_threads
+    _state.active, _state.epochs = True, 0
+    _state.capacity = cpu_capacity()
+    try:
+        foreign = runnable_others()
+        _state.mark = snapshot()
+    except (OSError, ValueError):     # no /proc (not Linux): leave torch's choice alone
+        _state.active = False
+        return cur
+    return _apply(choose(_state.base, _state.capacity, foreign), foreign, "start")
+
+
+def on_epoch_end(model=None, seconds: float | None = None) -> int:
+    """Call after each epoch (validation included): re-measures the load over the epoch and sets the
+    thread count for the next one. Returns the thread count in effect."""
+    if not _state.active or _state.mark is None:
+        return torch.get_num_threads()
+    _state.epochs += 1
+    if torch.get_num_threads() != _state.applied:     # changed by someone else since: theirs to decide
+        _state.active = False
+        return torch.get_num_threads()
+    try:
+        now = snapshot()
+    except (OSError, ValueError):
+        return torch.get_num_threads()
+    if now.wall - _state.mark.wall < MIN_WINDOW_S:     # too short to tell: keep measuring
+        return torch.get_num_threads()
+    foreign = foreign_cores(_state.mark, now)
+    _state.mark = now
+    n = choose(_state.base, _state.capacity, foreign)
+    if n != _state.applied:
+        return _apply(n, foreign, f"epoch {_state.epochs}")
+    return n
+
+
+def summary() -> dict:
+    """The decisions of this process so far, for run records: base count, capacity, and each change."""
+    return {"base": _state.base, "capacity": _state.capacity, "active": _state.active,
+            "threads": torch.get_num_threads(), "changes": list(_state.log)}
+
+
+def reset() -> None:
+    """Forget the state (tests; a new independent run in the same process)."""
+    global _state
+    if _state.applied is not None and _state.base is not None and torch.get_num_threads() == _state.applied:
+        torch.set_num_threads(_state.base)
+    _state = _State()

@@ -4,17 +4,21 @@
   - a timm model name ("resnet50", "convnext_tiny", ...), the default family;
   - "tv:<name>" for a torchvision model ("tv:resnet50");
   - "package.module:function" for your own function returning an nn.Module that maps images to
-    pooled feature vectors (N, D).
+    pooled feature vectors (N, D); it declares the preprocessing its weights expect as timm does, with a
+    `pretrained_cfg` dict attribute on the module ("mean", "std", "input_size" = (3, H, W); "crop_pct" and
+    "interpolation" may be there too, cnnlab does not use them).
 [model] weights picks the weights:
   - "" -> the backbone's default pretrained tag (timm downloads and caches it on first use);
   - a tag ("tv_in1k", "a1_in1k"; for torchvision a weights enum name such as "IMAGENET1K_V1");
   - a local file (.pth/.pt/.safetensors/.bin): the state dict of that architecture;
   - "none": random initialisation.
-Each backbone brings its own input preprocessing (mean/std, input size) from its pretrained config.
+Each backbone brings its own input preprocessing (mean/std, input size) from its pretrained config;
+[model] mean / std / input_size override it.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +30,10 @@ from cnnlab.errors import CnnlabError, ConfigError
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PreprocessingWarning(UserWarning):
+    """A backbone whose input mean/std cnnlab had to guess (see _override_normalizer)."""
 
 
 class TransferNet(nn.Module):
@@ -152,7 +160,8 @@ def _torchvision_backbone(name: str, weights: str) -> tuple[nn.Module, Normalize
     return model, Normalizer(mean, std), size
 
 
-def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, Normalizer, int]:
+def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, Normalizer | None, int]:
+    """Your function's module; its normalizer is None when it declares no mean/std (the caller decides)."""
     mod_name, _, fn_name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
@@ -166,7 +175,38 @@ def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, No
             model.load_state_dict(_load_state(Path(weights).expanduser()))
         except RuntimeError as e:
             raise CnnlabError(f"[model] weights = {weights!r} does not fit {spec}: {str(e).splitlines()[0][:300]}") from None
-    return model, Normalizer(IMAGENET_MEAN, IMAGENET_STD), 224
+    return (model, *_declared_preprocessing(model, spec))
+
+
+def _declared_preprocessing(model: nn.Module, spec: str) -> tuple[Normalizer | None, int]:
+    """(normalizer or None, input size) from the module's timm-style `pretrained_cfg` dict.
+
+    Weights only work when fed the way they were trained (EfficientNet-Lite: [-1, 1], not ImageNet
+    mean/std), and only the code that made the module knows how; timm's attribute is the convention that
+    timm's own tools read too. A malformed declaration is an error: guessing would silently hurt accuracy."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    try:
+        shape = [int(v) for v in cfg.get("input_size") or (3, 224, 224)]
+        mean, std = ([float(v) for v in cfg[k]] if cfg.get(k) is not None else None for k in ("mean", "std"))
+        ok = (len(shape) == 3 and min(shape) > 0 and (mean is None or len(mean) == 3)
+              and (std is None or (len(std) == 3 and min(std) > 0)))
+    except (AttributeError, TypeError, ValueError):     # not a dict, or not numbers
+        ok = False
+    if not ok:
+        raise ConfigError(f"[model] name = {spec!r}: the module's pretrained_cfg must be a dict with mean = 3 numbers, "
+                          f"std = 3 positive numbers, input_size = (3, H, W); got {cfg!r}"[:400])
+    return (None if mean is None or std is None else Normalizer(mean, std)), shape[-1]
+
+
+def _override_normalizer(norm: Normalizer | None, name: str, mean: list, std: list) -> Normalizer:
+    """[model] mean/std over the backbone's own; ImageNet's, with one warning, where nothing says."""
+    if norm is None and not (mean and std):
+        warnings.warn(f"[model] name = {name!r} declares no input mean/std: assuming ImageNet's "
+                      f"(mean {list(IMAGENET_MEAN)}, std {list(IMAGENET_STD)}). If its weights expect other "
+                      f"inputs, set a `pretrained_cfg` dict on the module (mean, std, input_size, as timm does) "
+                      f"or [model] mean = [...] and std = [...]", PreprocessingWarning, stacklevel=3)
+    norm = norm or Normalizer(IMAGENET_MEAN, IMAGENET_STD)
+    return Normalizer(list(mean) or norm.mean, list(std) or norm.std)
 
 
 def _load_state(path: Path) -> dict:
@@ -179,14 +219,18 @@ def _load_state(path: Path) -> dict:
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 
-def create_backbone(name: str, weights: str = "", args: dict | None = None) -> tuple[nn.Module, int, Normalizer, int]:
-    """(feature extractor, feature size, its input normalizer, its input size)."""
+def create_backbone(name: str, weights: str = "", args: dict | None = None, mean: list | tuple = (),
+                    std: list | tuple = ()) -> tuple[nn.Module, int, Normalizer, int]:
+    """(feature extractor, feature size, its input normalizer, its input size).
+
+    mean/std ([model] mean/std; empty = not set) replace the backbone's own normalization."""
     if ":" in name and not name.startswith("tv:"):
         model, norm, size = _custom_backbone(name, weights, args or {})
     elif name.startswith("tv:"):
         model, norm, size = _torchvision_backbone(name[3:], weights)
     else:
         model, norm, size = _timm_backbone(name, weights)
+    norm = _override_normalizer(norm, name, mean, std)
     with torch.no_grad():
         was = model.training
         model.eval()
@@ -196,7 +240,7 @@ def create_backbone(name: str, weights: str = "", args: dict | None = None) -> t
 
 
 def build_transfer_model(cfg: ModelConfig, num_classes: int) -> tuple[TransferNet, Normalizer, int]:
-    backbone, nf, norm, size = create_backbone(cfg.name, cfg.weights, cfg.args)
+    backbone, nf, norm, size = create_backbone(cfg.name, cfg.weights, cfg.args, cfg.mean, cfg.std)
     size = cfg.input_size or size
     model = TransferNet(backbone, nf, num_classes, [int(h) for h in cfg.head])
     return model, norm, size

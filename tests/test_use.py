@@ -1,0 +1,146 @@
+"""Use what you trained: every model kind rebuilds from its run folder alone (classes.json, preprocess.json,
+checkpoints), and `cnnlab evaluate / predict / export` work on it, with one clear error per bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnnlab
+from cnnlab.api import load_model
+from cnnlab.config import from_dict
+from cnnlab.data import load_dataset
+from cnnlab.experiment import run_experiment
+
+from conftest import run_cli
+
+SYN = {"source": "synthetic", "classes": 4, "synthetic_train": 160, "synthetic_test": 40}
+TRAIN = {"optimizer": "adam", "epochs": 2, "batch_size": 32, "precision": "fp32"}
+
+KINDS = {
+    "registered": {"data": SYN, "model": {"name": "basenet"}, "train": {**TRAIN, "normalize": "featurewise"}},
+    "timm": {"data": {**SYN, "image_size": 40}, "model": {"name": "test_resnet", "weights": "none", "head": [8],
+                                                          "input_size": 32}, "train": TRAIN},
+    "torchvision": {"data": SYN, "model": {"name": "tv:resnet18", "weights": "none", "input_size": 32},
+                    "train": {**TRAIN, "epochs": 1}},
+    "custom": {"data": SYN, "model": {"name": "test_transfer:tiny_backbone", "weights": "none", "input_size": 40},
+               "train": TRAIN},
+    "frozen": {"data": {**SYN, "image_size": 40}, "model": {"name": "test_resnet", "weights": "none", "head": [8],
+                                                            "input_size": 32},
+               "train": {**TRAIN, "freeze_backbone": True, "epochs": 3}},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_model_kind_rebuilds_from_its_run_folder(tmp_path, kind):
+    cfg = from_dict({"name": kind, **KINDS[kind]})
+    out = run_experiment(cfg, tmp_path / "runs", progress="none")
+    run = out.path
+    ds = load_dataset(cfg.data)
+    assert json.loads((run / "classes.json").read_text()) == ds.classes
+    pre = json.loads((run / "preprocess.json").read_text())
+    assert pre["image_size"] == ds.x_train.shape[-1]
+    assert pre["input_size"] == {"timm": 32, "frozen": 32, "torchvision": 32, "custom": 40}.get(kind, ds.x_train.shape[-1])
+    if kind == "registered":                               # featurewise statistics of the training split
+        assert pre["mean"] is not None and 0 < pre["mean"][0] < 1
+    elif kind in ("timm", "frozen"):                        # test_resnet's own pretrained_cfg: 0.5 / 0.5
+        assert pre["mean"] == pytest.approx([0.5] * 3) and pre["std"] == pytest.approx([0.5] * 3)
+    elif kind in ("torchvision", "custom"):
+        assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)
+    if kind == "frozen":
+        assert (run / "checkpoints" / "backbone.pt").is_file()
+    # The rebuilt model scores the test split exactly as the run did (frozen runs: backbone + head on images).
+    model, preprocess, classes, _ = load_model(run)
+    with torch.no_grad():
+        pred = model(preprocess(ds.x_test)).argmax(1)
+    acc = (pred == ds.y_test).float().mean().item()
+    assert acc == pytest.approx(out.results.test_accuracy, abs=1e-6 if kind != "frozen" else 0.03)
+    assert classes == ds.classes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small run shared by the command tests below (4 classes, 32x32)."""
+    tmp = tmp_path_factory.mktemp("use")
+    cfg = from_dict({"name": "use", "data": SYN, "model": {"name": "basenet"},
+                     "train": {**TRAIN, "epochs": 3, "normalize": "featurewise"}})
+    return run_experiment(cfg, tmp / "runs", progress="none").path
+
+
+def _images(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for name, mode in (("a.png", "RGB"), ("b.jpg", "RGB"), ("c.png", "L"), ("d.png", "RGBA")):
+        shape = (45, 60) if mode == "L" else (45, 60, len(mode))
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / name)
+        files.append(folder / name)
+    (folder / "sub").mkdir(exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "sub" / "e.png")
+    return files
+
+
+def test_predict_cli_matches_the_python_api_and_reports_bad_files(trained, tmp_path):
+    files = _images(tmp_path / "imgs")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "pred.json"
+    proc = run_cli(["predict", trained, tmp_path / "imgs", "--topk", "3", "--out", out], tmp_path / "home")
+    assert proc.returncode == 1, proc.stdout + proc.stderr               # one file failed...
+    assert "broken.jpg" in proc.stderr and proc.stderr.count("\n") == 1
+    rows = json.loads(out.read_text())                                    # ...the others were predicted
+    assert len(rows) == 5 and all(len(r["top"]) == 3 for r in rows)
+    assert "a.png" in proc.stdout and "e.png" in proc.stdout
+    api = cnnlab.load(trained).predict([Path(r["path"]) for r in rows], topk=3)
+    for r, top in zip(rows, api):
+        assert [t["label"] for t in r["top"]] == [label for label, _ in top]
+        assert [t["prob"] for t in r["top"]] == pytest.approx([p for _, p in top], abs=1e-6)
+    ok = run_cli(["predict", trained, files[0], "--topk", "2"], tmp_path / "home")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
+    proc = run_cli(["evaluate", trained], tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    folder = trained / "eval-test"
+    ev = json.loads((folder / "evaluation.json").read_text())
+    res = json.loads((trained / "results.json").read_text())
+    ds = load_dataset(from_dict({"data": SYN}).data)
+    assert ev["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-9) and ev["n"] == len(ds.y_test) == 16
+    for name in ("per_class.csv", "confusion.png", "errors.png", "confused_pairs.csv"):
+        assert (folder / name).is_file(), name
+    val = run_cli(["evaluate", trained, "--split", "val", "--weights", "best"], tmp_path / "home")
+    assert val.returncode == 0, val.stderr
+    from cnnlab.data import split_train_val
+    _, va = split_train_val(ds.y_train, 0.1, "stratified", 0)
+    assert json.loads((trained / "eval-val" / "evaluation.json").read_text())["n"] == len(va) > 0
+
+
+def test_evaluate_on_data_with_other_classes_names_the_difference(trained, tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text('[data]\nsource = "synthetic"\nclasses = [0, 1, 2, 5]\nsynthetic_train = 160\nsynthetic_test = 40\n')
+    proc = run_cli(["evaluate", trained, "--data", other], tmp_path / "home")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.count("\n") == 0 and "only in the model: class_03" in line and "only in the data: class_05" in line
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_cli_round_trips(trained, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    proc = run_cli(["export", trained, "--format", fmt, "--out", out], tmp_path / "home")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max |difference|" in proc.stdout
+    diff = float(proc.stdout.split("PyTorch on real inputs: ")[1].split()[0])
+    assert diff <= 1e-4
+    assert json.loads((tmp_path / "labels.json").read_text()) == json.loads((trained / "classes.json").read_text())
+
+
+def test_load_of_a_folder_that_is_not_a_run(tmp_path):
+    proc = run_cli(["predict", tmp_path, tmp_path], tmp_path / "home")
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr
