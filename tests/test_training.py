@@ -196,7 +196,18 @@ def test_user_callback_from_the_python_api(tmp_path):
     assert float(lines[-1]) == pytest.approx(0.0, abs=1e-9)            # cosine ends at 0
 
 
-def test_one_schedule_across_head_and_main_phases_and_on_resume(tmp_path):
+def test_one_schedule_across_head_and_main_phases_and_on_resume(tmp_path, monkeypatch):
+    # Bitwise equality needs one thread count throughout: pin it, as OMP_NUM_THREADS would (cnnlab.threads).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _schedule_and_resume(tmp_path)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _schedule_and_resume(tmp_path):
     base = {"name": "ph", "data": {"source": "synthetic", "classes": 4, "image_size": 40, "synthetic_train": 160,
                                    "synthetic_test": 40},
             "model": {"name": "test_resnet", "weights": "none", "head": [8], "input_size": 32},
@@ -268,3 +279,56 @@ def test_trackers_are_closed_when_a_run_raises(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         run_experiment(cfg, tmp_path / "runs", progress="none", callbacks=[_Boom()])
     assert mlflow.active_run() is None          # the next row of a suite starts clean
+
+
+# ---------------------------------------------------------------- splits and views
+
+def test_a_split_that_leaves_classes_without_training_images_warns_and_marks_the_row(tmp_path, capsys):
+    # Records sorted by class (as CUB's lists are): Keras's "last 10%" holds out whole classes.
+    cfg = from_dict({"name": "sorted", "data": {"source": "synthetic", "classes": 10, "synthetic_train": 200,
+                                                "synthetic_test": 50, "val_split": "last", "val_fraction": 0.2},
+                     "model": {"name": "basenet"}, "train": {"optimizer": "adam", "epochs": 1, "batch_size": 16,
+                                                             "precision": "fp32"}})
+    from cnnlab.data import load_dataset
+    ds = load_dataset(cfg.data)
+    order = torch.argsort(ds.y_train, stable=True)           # make the records class-sorted
+    import cnnlab.experiment as experiment
+
+    class SortedCache(experiment.DataCache):
+        def get(self, data_cfg, quiet):
+            return experiment.Dataset(ds.x_train[order], ds.y_train[order], ds.x_test, ds.y_test, ds.classes, ds.name)
+
+    out = run_experiment(cfg, tmp_path / "runs", progress="line", data_cache=SortedCache())
+    said = capsys.readouterr().out
+    warning = [line for line in said.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "2 of 10 classes have no training images" in warning[0]
+    assert "val_split = 'last'" in warning[0]
+    assert out.results.warnings and "no training images" in out.results.warnings[0]
+    from cnnlab.report import build_report
+    report = build_report(tmp_path / "runs")
+    assert "ok ⚠" in report and "## Warnings" in report
+    # a stratified split of the same data says nothing
+    cfg.data.val_split = "stratified"
+    out = run_experiment(cfg, tmp_path / "runs2", progress="line", data_cache=SortedCache())
+    assert "warning:" not in capsys.readouterr().out and out.results.warnings == []
+
+
+def test_training_and_evaluation_views_have_the_networks_input_size():
+    """Images stored larger than the network input (CUB: 256 for 224): every augmentation feeds input_size."""
+    from cnnlab.augment import Augmenter
+    from cnnlab.config import AugmentConfig
+    from cnnlab.engine import Trainer
+    x = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)
+    for aug in (AugmentConfig(), AugmentConfig(zoom=0.2, hflip=True), AugmentConfig(crop_padding=4),
+                AugmentConfig(random_resized_crop=True, hflip=True)):
+        tr = Trainer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 40 * 40, 2)), TrainConfig(precision="fp32"), torch.device("cpu"),
+                     0, augmenter=Augmenter(aug, 40), image_size=40, eval_crop=0.875)
+        assert tr._prepare(x, train=True).shape[-2:] == (40, 40), aug
+        assert tr._prepare(x, train=False).shape[-2:] == (40, 40), aug
+
+
+def test_random_resized_crop_with_zoom_or_padding_is_refused():
+    from cnnlab.errors import ConfigError
+    for extra in ({"zoom": 0.2}, {"crop_padding": 4}):
+        with pytest.raises(ConfigError, match="random_resized_crop"):
+            from_dict({"augment": {"random_resized_crop": True, **extra}})

@@ -10,13 +10,10 @@ import math
 import statistics
 from pathlib import Path
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from cnnlab.runs import atomic_write  # noqa: E402
+from cnnlab.plots import subplots
+from cnnlab.runs import atomic_write
 
 
 def _epoch(h: dict, i: int) -> int:
@@ -114,7 +111,7 @@ def plot_compare(a: list[list[dict]], b: list[list[dict]], label_a: str, label_b
     """Validation accuracy and loss of two suite rows on one figure: each row's mean over its seeds as a line,
     with the min-max range over seeds as a band when it has more than one, so a difference can be judged
     against the seed-to-seed spread at a glance. Returns `path`."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=100)
+    fig, axes = subplots(1, 2, figsize=(11, 4.0))
     for ax, key in zip(axes, ("val_accuracy", "val_loss")):
         drawn = False
         for runs, label, color in ((a, label_a, "tab:blue"), (b, label_b, "tab:orange")):
@@ -140,5 +137,4 @@ def plot_compare(a: list[list[dict]], b: list[list[dict]], label_a: str, label_b
     path = Path(path)
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
     return path

@@ -167,7 +167,7 @@ def evaluate_run(m: Model, data: str | None, data_dir: str | None, split: str, q
     logits = logits_of(m.model, m.preprocess, x, m.device, use_bf16(cfg.train.precision, m.device))
     ev = evaluate_logits(logits, y.to(m.device), m.classes)
     folder = m.run_dir / (f"eval-{name}-{split}" if name else f"eval-{split}")
-    write_evaluation(folder, ev, x, title=f"{m.config.name} on {name} ({split})")
+    write_evaluation(folder, ev, x, title=f"{m.config.name} on {name or 'its own data'} ({split})")
     write_json(folder / "evaluation.json", {"data": name or "the run's own", "split": split, "weights": m.weights, "n": ev.n,
                                             "loss": ev.loss, "accuracy": ev.top1, "top5": ev.top5,
                                             "macro_f1": ev.macro_f1})
@@ -243,6 +243,7 @@ class Run:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
+        plt.close(fig)          # returned, not also shown a second time by the inline backend
         return fig
 
     def __repr__(self) -> str:
@@ -262,6 +263,17 @@ def _overrides(tables: dict) -> list:
     return out
 
 
+def _data_overrides(data: str | dict | None, data_dir: str | None, overrides: dict) -> tuple[str | None, dict]:
+    """`data` is a preset name/file, or a dict of [data] keys; data_dir is the --data-dir shortcut."""
+    extra = dict(overrides.get("data", {}))
+    if isinstance(data, dict):
+        extra.update(data)
+        data = None
+    if data_dir:
+        extra["data_dir"] = str(data_dir)
+    return data, ({**overrides, "data": extra} if extra else overrides)
+
+
 def _preset(data: str | None):
     if not data:
         return None
@@ -270,12 +282,15 @@ def _preset(data: str | None):
     return read_toml(p), str(p)
 
 
-def run(config: str | Path, *, data: str | None = None, runs_dir: str | Path = "runs", progress: str = "bar",
-        callbacks: list = (), **overrides) -> Run:
+def run(config: str | Path, *, data: str | dict | None = None, data_dir: str | None = None,
+        runs_dir: str | Path = "runs", progress: str = "bar", callbacks: list = (), **overrides) -> Run:
     """Train one config (a file or a packaged name such as 'best'); keyword arguments override its values:
-    `cnnlab.run("best", data="cifar10s", train={"epochs": 5}, seed=1, callbacks=[MyCallback()])`."""
+    `cnnlab.run("best", data="cifar10s", data_dir="~/data", train={"epochs": 5}, seed=1, callbacks=[...])`.
+    data: a preset name or file (as --data), or a dict of [data] keys; with a preset, single [data] keys go in
+    as dotted keywords: `**{"data.max_train_per_class": 250}` (as --set data.max_train_per_class=250)."""
     from cnnlab.configs import config_file
     from cnnlab.experiment import run_experiment
+    data, overrides = _data_overrides(data, data_dir, overrides)
     path = config_file(str(config))
     cfg = load_config(path, _overrides(overrides), _preset(data))
     out = run_experiment(cfg, runs_dir, source=str(path), progress=progress, callbacks=list(callbacks))
@@ -307,20 +322,22 @@ class Suite:
         for r in self.runs:
             h = r.history
             if h and "val_accuracy" in h[0]:
-                ax.plot([e["epoch"] for e in h], [e["val_accuracy"] for e in h], label=r.path.name)
+                ax.plot([e["epoch"] for e in h], [e["val_accuracy"] for e in h], marker=".", label=r.path.name)
         ax.set(xlabel="epoch", ylabel="validation accuracy", title=self.path.name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
+        plt.close(fig)
         return fig
 
     def __repr__(self) -> str:
         return f"cnnlab.Suite({str(self.path)!r}, {len(self.runs)} runs, {self.failures} failed)"
 
 
-def suite(name: str, *, data: str | None = None, runs_dir: str | Path = "runs", seeds: int | None = None,
-          only: list[str] | None = None, progress: str = "bar", **overrides) -> Suite:
+def suite(name: str, *, data: str | dict | None = None, data_dir: str | None = None, runs_dir: str | Path = "runs",
+          seeds: int | None = None, only: list[str] | None = None, progress: str = "bar", **overrides) -> Suite:
     """Run a suite ('practice', or a folder of configs): `cnnlab.suite("practice", data="cifar10s", train={"epochs": 2})`."""
     from cnnlab.suite import run_suite
+    data, overrides = _data_overrides(data, data_dir, overrides)
     folder, failures = run_suite(name, runs_dir, _overrides(overrides), data, only, progress, seeds=seeds)
     return Suite(folder, failures)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import tomllib
 import types
 import typing
@@ -72,6 +73,12 @@ class ModelConfig:
     # custom backbone declares in its `pretrained_cfg`); [] = the backbone's own
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    # frozen backbones ([train] freeze_backbone): features = the mean of the image's and its mirror's (cached
+    # per view; the rebuilt model averages both views too)
+    flip_average: bool = False
+    # frozen backbones: the head first standardizes each feature with the training split's mean/std (kept in
+    # the head's checkpoint, so the rebuilt model applies them)
+    standardize_features: bool = False
 
     def check(self, w: str) -> None:
         _check(self.input_size >= 0, w, "input_size", "must be >= 0")
@@ -171,6 +178,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Frozen-backbone runs: head hyper-parameters chosen on the validation split. Every combination of the
+    listed values trains the head on the cached features (seconds each); the run then trains with the best by
+    its monitor (early stopping's, else [checkpoint]'s, taken on the validation split). [] = the [train] value."""
+    weight_decay: list[float] = field(default_factory=list)
+    label_smoothing: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+    def grid(self) -> list[dict]:
+        """Every combination of the listed values as {key: value}; [] when nothing is listed."""
+        keys = [k for k in ("weight_decay", "label_smoothing", "lr") if getattr(self, k)]
+        combos = itertools.product(*(getattr(self, k) for k in keys))
+        return [{k: float(v) for k, v in zip(keys, c)} for c in combos] if keys else []
+
+    def check(self, w: str) -> None:
+        _check(all(v >= 0 for v in self.weight_decay), w, "weight_decay", "values must be >= 0")
+        _check(all(0 <= v < 1 for v in self.label_smoothing), w, "label_smoothing", "values must be in [0, 1)")
+        _check(all(v > 0 for v in self.lr), w, "lr", "values must be > 0")
+
+
+@dataclass
 class ReportConfig:
     label: str = ""                   # row label in the report
     reference_accuracy: float = float("nan")  # the practice's own reported test accuracy for this row
@@ -201,6 +229,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -220,6 +249,21 @@ class Config:
         if a.random_resized_crop and (a.zoom or a.crop_padding):
             raise ConfigError(f"{where}: [augment] random_resized_crop already draws the scale and position of each "
                               f"view; it cannot be combined with zoom or crop_padding (set those to 0)")
+        self._check_frozen_recipe(where)
+
+    def _check_frozen_recipe(self, where: str) -> None:
+        """The frozen-feature recipe's keys work on cached features: with a trainable backbone the features
+        change every step, and each search trial would be a whole training run."""
+        keys = [f"[model] {k}" for k in ("flip_average", "standardize_features") if getattr(self.model, k)]
+        keys += ["[search]"] if self.search.grid() else []
+        if keys and not self.train.freeze_backbone:
+            raise ConfigError(f"{where}: {' and '.join(keys)} {'needs' if len(keys) == 1 else 'need'} [train] "
+                              f"freeze_backbone = true: the frozen-feature recipe works on the backbone's cached "
+                              f"features (with a trainable backbone they change every step, and each search "
+                              f"trial would retrain the whole network)")
+        if self.search.grid() and self.data.val_fraction == 0:
+            raise ConfigError(f"{where}: [search] chooses on the validation split, but [data] val_fraction = 0 "
+                              f"gives none")
 
 
 # Field types are strings under postponed annotations; resolve them once.

@@ -18,16 +18,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure     # figures on Figure, never pyplot: files only, no global state
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.colors import PowerNorm  # noqa: E402
-
-from cnnlab.runs import atomic_write  # noqa: E402
+from cnnlab.plots import subplots
+from cnnlab.runs import atomic_write
 
 PER_CLASS_KEYS = ("class", "support", "precision", "recall", "f1", "most_confused_with", "most_confused_rate")
 PAIR_KEYS = ("true", "pred", "count", "rate")
@@ -191,7 +189,6 @@ def _write_csv(path: Path, keys: tuple[str, ...], rows: list[dict]) -> None:
 def _save(fig, path: Path) -> None:
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 def row_normalize(cm: np.ndarray) -> np.ndarray:
@@ -236,7 +233,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], pairs: list[dict], title:
     if k > LABELLED_MAX:
         return _plot_confusion_large(r, cm, classes, pairs, head)
     side = max(5.0, 2.6 + 0.34 * k)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=100)
+    fig, ax = subplots(figsize=(side + 1.2, side))
     im = ax.imshow(r, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="fraction of the true class")
     names = [_short(c, 24) for c in classes]
@@ -261,7 +258,7 @@ def _plot_confusion_large(r: np.ndarray, cm: np.ndarray, classes: list[str], pai
     """Many classes: names would not fit, so the structure (clusters of confused classes) is the message and
     the table names the worst pairs. A square-root colour scale keeps small off-diagonal rates visible."""
     order = cluster_order(cm)
-    fig = plt.figure(figsize=(15, 7.5), dpi=100)
+    fig = Figure(figsize=(15, 7.5), dpi=100)
     grid = fig.add_gridspec(1, 2, width_ratios=[1.15, 1.0], wspace=0.08)
     ax = fig.add_subplot(grid[0])
     im = ax.imshow(r[np.ix_(order, order)], cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1),
@@ -319,7 +316,7 @@ def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = ""
     cols, rows = 4, max(1, math.ceil(len(errors) / 4))
     cell_w, cell_h = 2.6, (2.8 if ok else 0.9)          # inches; captions alone need no room for a picture
     head = 0.5
-    fig = plt.figure(figsize=(cell_w * cols, cell_h * rows + head), dpi=100)
+    fig = Figure(figsize=(cell_w * cols, cell_h * rows + head), dpi=100)
     ax = fig.add_axes((0.0, 0.0, 1.0, cell_h * rows / (cell_h * rows + head)))
     ch = cell_h / cell_w                                # a cell's height in units of its width (1)
     for n, err in enumerate(errors):

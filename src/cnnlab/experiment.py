@@ -25,6 +25,7 @@ from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
 from cnnlab.preprocess import Normalizer, Preprocess
 from cnnlab.runs import Results, RunFolder, RunRecorder, environment, load_checkpoint
+from cnnlab.search import prepare_frozen_head
 
 
 @dataclass
@@ -83,6 +84,8 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
                           f"split ({len(splits.train)} images); lower it")
     notes = split_warnings(ds, tr_idx, va_idx, cfg.data)
+    if cfg.train.freeze_backbone:      # feature standardization and the [search] grid, on the cached features
+        cfg, extra = prepare_frozen_head(cfg, trained, splits.train, splits.val, device, progress == "none", extra)
 
     recorder = RunRecorder((resume or folder or RunFolder.create(runs_dir, cfg.name)) if main else None)
     try:
@@ -142,8 +145,9 @@ def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dat
     from cnnlab.features import cached_features, weights_fingerprint
     ident = {"backbone": name, "weights": weights_fingerprint(model.backbone)}
     args = (preprocess.normalizer(), preprocess.input_size, preprocess.eval_crop, device, bf16)
-    f_tr, hit_tr = cached_features(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train", quiet=quiet)
-    f_te, hit_te = cached_features(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test", quiet=quiet)
+    kw = {"quiet": quiet, "flip_average": model.flip_average}
+    f_tr, hit_tr = cached_features(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train", **kw)
+    f_te, hit_te = cached_features(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test", **kw)
     return Dataset(f_tr, ds.y_train, f_te, ds.y_test, ds.classes, ds.name), {"features_from_cache": hit_tr and hit_te}
 
 

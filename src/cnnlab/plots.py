@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+# Figures drawn on matplotlib.figure.Figure, never pyplot: files only, no global backend or state, so
+# cnnlab leaves a notebook's inline backend as it found it.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+from cnnlab.runs import atomic_write
 
-from cnnlab.runs import atomic_write  # noqa: E402
+
+def subplots(nrows: int = 1, ncols: int = 1, figsize=(6.4, 4.8), dpi: int = 100):
+    """pyplot.subplots without pyplot: (figure, axes) for a figure that only goes to a file."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols)
 
 
 def plot_curves(history: list[dict], folder: Path, title: str = "") -> list[Path]:
@@ -16,7 +21,7 @@ def plot_curves(history: list[dict], folder: Path, title: str = "") -> list[Path
     out = []
     epochs = [h["epoch"] for h in history]
     for metric in ("accuracy", "loss"):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+        fig, ax = subplots(figsize=(5.5, 3.8))
         ax.plot(epochs, [h[metric] for h in history], label="train", marker=".")
         if history and f"val_{metric}" in history[0]:
             ax.plot(epochs, [h[f"val_{metric}"] for h in history], label="validation", marker=".")
@@ -29,6 +34,5 @@ def plot_curves(history: list[dict], folder: Path, title: str = "") -> list[Path
         path = Path(folder) / f"{metric}.png"
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png")
-        plt.close(fig)
-        out.append(path)
+            out.append(path)
     return out

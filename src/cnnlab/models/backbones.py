@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -37,16 +38,25 @@ class PreprocessingWarning(UserWarning):
 
 
 class TransferNet(nn.Module):
-    """backbone (images -> pooled features) followed by a dense head (features -> logits)."""
+    """backbone (images -> pooled features) followed by a dense head (features -> logits).
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, hidden: list[int]):
+    flip_average: the features are the mean of the image's and its mirror's (a flip-invariant model; frozen
+    runs train the head on that mean, so the rebuilt model must take it too). standardize: the head starts
+    with a Standardize layer (see there)."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, hidden: list[int],
+                 flip_average: bool = False, standardize: bool = False):
         super().__init__()
         self.backbone = backbone
         self.num_features = num_features
-        self.head = make_head(num_features, num_classes, hidden)
+        self.flip_average = flip_average
+        self.head = make_head(num_features, num_classes, hidden, standardize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x).flatten(1))
+        f = self.backbone(x).flatten(1)
+        if self.flip_average:
+            f = mean_of_views([f, self.backbone(x.flip(-1)).flatten(1)])
+        return self.head(f)
 
     def set_backbone_trainable(self, trainable: bool) -> None:
         self.backbone.requires_grad_(trainable)
@@ -60,17 +70,50 @@ class TransferNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, hidden: list[int] | None = None) -> None:
         hidden = hidden if hidden is not None else [m.out_features for m in self.head if isinstance(m, nn.Linear)][:-1]
-        self.head = make_head(self.num_features, num_classes, hidden)
+        self.head = make_head(self.num_features, num_classes, hidden, hasattr(self.head, "standardize"))
 
 
-def make_head(num_features: int, num_classes: int, hidden: list[int]) -> nn.Sequential:
-    """The practice's head by default: Dense(400, relu) -> Dense(classes); softmax lives in the loss."""
+def mean_of_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """float32 mean of the features of several views of the same images. The one definition, used by the
+    model's forward and by the feature cache alike, so both give the head the same numbers."""
+    return sum(v.float() for v in views) / len(views)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per feature, with the training split's statistics (set by `fit` before training).
+
+    Pooled features differ in scale by orders of magnitude; standardized, one weight decay suits every
+    weight of the head and Adam starts well-conditioned. Buffers, not parameters: they are in the head's
+    checkpoint (so the rebuilt model and its exports apply them) and the optimizer leaves them alone."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))   # a constant feature (dead unit) stays 0, not 0/0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_head(num_features: int, num_classes: int, hidden: list[int], standardize: bool = False) -> nn.Sequential:
+    """The practice's head by default: Dense(400, relu) -> Dense(classes); softmax lives in the loss.
+    hidden = [] gives a linear head; standardize puts a Standardize layer first, named so that the dense
+    layers keep the checkpoint keys they have without it (0.weight, ...)."""
     layers, d = [], num_features
     for h in hidden:
         layers += [nn.Linear(d, h), nn.ReLU()]
         d = h
     layers.append(nn.Linear(d, num_classes))
-    return nn.Sequential(*layers)
+    if not standardize:
+        return nn.Sequential(*layers)
+    return nn.Sequential(OrderedDict([("standardize", Standardize(num_features)),
+                                      *((str(i), m) for i, m in enumerate(layers))]))
 
 
 def _is_file(weights: str) -> bool:
@@ -242,5 +285,6 @@ def create_backbone(name: str, weights: str = "", args: dict | None = None, mean
 def build_transfer_model(cfg: ModelConfig, num_classes: int) -> tuple[TransferNet, Normalizer, int]:
     backbone, nf, norm, size = create_backbone(cfg.name, cfg.weights, cfg.args, cfg.mean, cfg.std)
     size = cfg.input_size or size
-    model = TransferNet(backbone, nf, num_classes, [int(h) for h in cfg.head])
+    model = TransferNet(backbone, nf, num_classes, [int(h) for h in cfg.head], cfg.flip_average,
+                        cfg.standardize_features)
     return model, norm, size
