@@ -63,12 +63,15 @@ def cnnlab_fit(npz: Path, recipe: str, epochs: int) -> dict:
     sp = prepare_splits(ds, cfg.data, cfg.train.normalize, 0, dev)
     torch.manual_seed(0)
     tr = engine.Trainer(create_model(model, 25), cfg.train, dev, 0, sp.normalizer, Augmenter(cfg.augment))
-    # cnnlab's fit calls threads.configure at its start and threads.on_epoch_end after each epoch; an
-    # engine without those calls gets them here, from a callback, at the same two places.
-    callbacks = [] if "threads.on_epoch_end" in _source(engine.fit) else [_thread_hooks()]
+    # cnnlab's engine calls threads.configure at the start of fit, threads.on_step after each step and
+    # threads.on_epoch_end after each epoch; whichever of these this engine does not call yet is called
+    # here, from a callback, at the same place.
+    src = _source(engine.fit) + _source(engine.Trainer.train_epoch)
+    missing = [h for h in ("configure", "on_step", "on_epoch_end") if f"threads.{h}(" not in src]
+    callbacks = [_thread_hooks(missing)] if missing else []
     # Timed like Keras's model.fit: every epoch (the first one's warm-up included) and its validation.
     _, dt = timed(lambda: engine.fit(tr, sp.train, sp.val, callbacks))
-    return {"img_s": len(sp.train) * epochs / dt, "threads": threads.summary(), "hooks": "callback" if callbacks else "engine",
+    return {"img_s": len(sp.train) * epochs / dt, "threads": threads.summary(), "hooks_from_callback": missing,
             "final_loss": tr.history[-1]["loss"]}
 
 
@@ -77,17 +80,21 @@ def _source(fn) -> str:
     return inspect.getsource(fn)
 
 
-def _thread_hooks():
-    """threads.configure / on_epoch_end as a callback, for an engine that does not call them itself."""
+def _thread_hooks(missing: list[str]):
+    """The threads calls the engine does not make itself, made by a callback at the same places."""
     from cnnlab import threads
     from cnnlab.callbacks import Callback
 
     class ThreadHooks(Callback):
-        def on_fit_start(self, trainer):
-            threads.configure(trainer.model, trainer.device)
-
-        def on_epoch_end(self, trainer, logs):
-            threads.on_epoch_end(trainer.model, logs["seconds"])
+        if "configure" in missing:
+            def on_fit_start(self, trainer):
+                threads.configure(trainer.model, trainer.device)
+        if "on_step" in missing:
+            def on_batch_end(self, trainer, n, loss):
+                threads.on_step()
+        if "on_epoch_end" in missing:
+            def on_epoch_end(self, trainer, logs):
+                threads.on_epoch_end(trainer.model, logs["seconds"])
     return ThreadHooks()
 
 

@@ -66,26 +66,32 @@ PRACTICE = {"data": DATA, "model": {"name": "test_frozen_recipe:pixel_features",
 RECIPE = {"data": DATA,
           "model": {"name": "test_frozen_recipe:pixel_features", "head": [], "flip_average": True,
                     "standardize_features": True},
-          "train": {"optimizer": "adam", "lr": 0.001, "epochs": 60, "batch_size": 32, "freeze_backbone": True,
+          "train": {"optimizer": "adam", "lr": 0.001, "epochs": 40, "batch_size": 32, "freeze_backbone": True,
                     "precision": "fp32"},
-          "search": {"weight_decay": [0.003, 0.03, 0.3], "label_smoothing": [0.0, 0.1]},
-          "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 8,
+          "search": {"weight_decay": [0.01, 0.3], "label_smoothing": [0.0, 0.1]},
+          "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 6,
                              "restore_best_weights": True}}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both heads on the same data and seed (the cache folder is the first test's: conftest isolates it)."""
+    """Both heads on the same data and seed, without the figures (seconds of matplotlib a run, tested
+    elsewhere). A module fixture runs before conftest's isolation: it points the feature cache away itself."""
     tmp = tmp_path_factory.mktemp("recipe")
-    return {name: run_experiment(from_dict({"name": name, **raw}), tmp / "runs", progress="none")
-            for name, raw in (("practice", PRACTICE), ("recipe", RECIPE))}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CNNLAB_CACHE", str(tmp / "cache"))
+        mp.setattr("cnnlab.evaluation.write_evaluation", lambda *a, **k: None)
+        mp.setattr("cnnlab.experiment.plot_curves", lambda *a, **k: None)
+        return {name: run_experiment(from_dict({"name": name, **raw}), tmp / "runs", progress="none")
+                for name, raw in (("practice", PRACTICE), ("recipe", RECIPE))}
 
 
 def test_recipe_beats_the_dense400_head_where_linear_is_optimal(runs):
     practice, recipe = runs["practice"].results, runs["recipe"].results
-    assert recipe.test_accuracy > practice.test_accuracy + 0.03, (recipe.test_accuracy, practice.test_accuracy)
+    # Seeds 0-2 measured: practice 0.44 / 0.42 / 0.44, recipe 0.53 / 0.55 / 0.59 (Bayes-optimal: ~0.75).
+    assert recipe.test_accuracy > practice.test_accuracy + 0.05, (recipe.test_accuracy, practice.test_accuracy)
     found = recipe.extra
-    assert len(found["search"]) == 6 and set(found["chosen"]) == {"weight_decay", "label_smoothing"}
+    assert len(found["search"]) == 4 and set(found["chosen"]) == {"weight_decay", "label_smoothing"}
     best = max(found["search"], key=lambda t: (t["val_accuracy"], -t["val_loss"]))
     assert found["chosen"] == {k: best[k] for k in ("weight_decay", "label_smoothing")}
     assert recipe.restored_best_weights or recipe.epochs_run == RECIPE["train"]["epochs"]
@@ -99,11 +105,12 @@ def test_rebuilt_model_reproduces_the_test_accuracy(runs):
     out = runs["recipe"]
     model, pre, _, _ = load_model(out.path)
     assert model.flip_average and hasattr(model.head, "standardize")
-    assert model.head.standardize.std.min() > 0.5                  # the training split's, not identity
+    ratio = model.head.standardize.std / SCALES                    # the training split's, not identity
+    assert 0.8 < ratio.min() and ratio.max() < 1.3
     ds = load_dataset(from_dict({"data": DATA}).data)
     with torch.no_grad():
-        acc = (model(pre(ds.x_test)).argmax(1) == ds.y_test).float().mean().item()
-    assert acc == pytest.approx(out.results.test_accuracy, abs=1e-9)
+        correct = (model(pre(ds.x_test)).argmax(1) == ds.y_test).sum().item()
+    assert correct / len(ds.y_test) == out.results.test_accuracy
 
 
 def test_flip_averaged_features_are_the_mean_of_both_views(tmp_path):
@@ -143,3 +150,14 @@ def test_standardize_layer_keeps_the_dense_layers_checkpoint_keys():
 def test_recipe_keys_need_a_frozen_backbone_and_a_validation_split(raw, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(raw)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_keeps_the_mirror_view_and_the_statistics(runs, fmt):
+    """The exported file holds what the rebuilt model does (both views, the standardization buffers);
+    export_run checks it against PyTorch on the run's own test images."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from cnnlab.api import export_run
+    path, diff = export_run(runs["recipe"].path, fmt)
+    assert path.is_file() and diff < 1e-4

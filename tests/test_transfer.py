@@ -147,12 +147,16 @@ def test_practice_birds_configs_parse():
     from cnnlab.config import load_config
     from cnnlab.configs import suite_files
     rows = [load_config(f) for f in suite_files("practice-birds")]
-    assert [r.name for r in rows] == ["birds_frozen", "birds_finetune_practice", "birds_finetune"]
+    assert [r.name for r in rows] == ["birds_frozen", "birds_finetune_practice", "birds_finetune", "birds_frozen_best"]
     frozen = rows[0]
     assert frozen.data.source == "cub200-2010" and frozen.model.name == "resnet50"
     assert frozen.model.head == [400] and frozen.train.freeze_backbone
     assert frozen.train.epochs == 40 and frozen.train.batch_size == 32 and frozen.train.optimizer == "adam"
     assert frozen.report.reference_accuracy == pytest.approx(0.412, abs=1e-3)
+    best = rows[3]                       # 01_frozen's task and backbone, cnnlab's frozen-feature recipe
+    assert (best.model.name, best.model.weights, best.data.source) == ("resnet50", "tv_in1k", "cub200-2010")
+    assert best.model.head == [] and best.model.flip_average and best.model.standardize_features
+    assert best.train.freeze_backbone and best.search.grid() and best.data.val_split == "stratified"
 
 
 def test_frozen_run_via_cli_on_imagefolder(tmp_path):

@@ -5,7 +5,8 @@
 2. [search]: every combination of the listed values trains the head on the cached features, each from the
    same initial weights with the run's own seed, epochs and early stopping, and is scored on the validation
    split by the run's monitor. The run then trains with the best combination (from those same initial
-   weights, so it retraces that trial) and records every trial in results.json (extra "search", "chosen").
+   weights, so it retraces that trial: bitwise at the same CPU thread count, see threads.py) and records
+   every trial in results.json (extra "search", "chosen", "search_seconds").
 
 Config.check allows both only with [train] freeze_backbone: a trial then costs seconds, not a training run.
 """

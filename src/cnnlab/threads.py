@@ -13,7 +13,7 @@ shards taken by whichever thread is running, lost half. One thread on the free c
 barriers (see benchmarks/README.md for the measurements).
 
 What. `configure(model, device)` at the start of `fit` estimates how many cores other processes keep
-busy (the runnable tasks in /proc/stat that are not ours, sampled over ~40 ms) and sets torch's thread
+busy (the machine's busy time in /proc/stat minus ours, over 80 ms) and sets torch's thread
 count to the free cores: at least 1, at most the count the process had (torch's default, the user's
 `torch.set_num_threads`, or the per-rank share under torchrun). `on_epoch_end(model, seconds)` measures
 the other processes' CPU use over the epoch just run (busy time in /proc/stat minus this process's own
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 SLACK = 0.3          # foreign load (cores) tolerated before giving up a thread: daemons, short bursts
-MIN_WINDOW_S = 0.25  # shortest measuring window on_epoch_end decides on (shorter: keep measuring)
-PROBE_SAMPLES = 12   # configure's probe of the runnable tasks: samples, and seconds between them
-PROBE_INTERVAL_S = 0.003
+MIN_WINDOW_S = 0.25  # shortest measuring window a decision is made on (shorter: keep measuring)
+CHECK_EVERY_S = 2.0  # on_step re-measures after this many seconds
+PROBE_S = 0.08       # configure's first measurement (asleep): 16 ticks of 2 CPUs at Linux's 100 Hz
 
 
 # ---------------------------------------------------------------- what the machine offers
@@ -133,41 +133,6 @@ def foreign_cores(a: Snapshot, b: Snapshot) -> float:
     return max(0.0, ((b.busy - a.busy) - (b.own - a.own)) / dt)
 
 
-def own_running_threads() -> int:
-    """This process's threads in state R (running or runnable) now."""
-    n = 0
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                s = open(f"/proc/self/task/{tid}/stat").read()
-            except OSError:
-                continue
-            if s[s.rindex(")") + 2] == "R":
-                n += 1
-    except OSError:
-        return 1
-    return max(1, n)
-
-
-def procs_running(stat_text: str) -> int:
-    for line in stat_text.splitlines():
-        if line.startswith("procs_running"):
-            return int(line.split()[1])
-    return 0
-
-
-def runnable_others(samples: int = PROBE_SAMPLES, interval: float = PROBE_INTERVAL_S) -> float:
-    """Mean number of runnable tasks that are not ours (a CPU-bound process counts 1), from /proc/stat's
-    procs_running sampled while this thread sleeps. Used at the start of a fit, before an epoch's worth
-    of CPU time can be measured."""
-    tot = 0
-    for i in range(samples):
-        if i:
-            time.sleep(interval)
-        tot += max(0, procs_running(open("/proc/stat").read()) - own_running_threads())
-    return tot / samples
-
-
 # ---------------------------------------------------------------- the state of this process
 
 @dataclass
@@ -178,6 +143,7 @@ class _State:
     capacity: float = 1.0
     mark: Snapshot | None = None          # start of the current measuring window
     epochs: int = 0                       # on_epoch_end calls since configure
+    next_check: float = math.inf          # perf_counter time of on_step's next measurement
     log: list[dict] = field(default_factory=list)   # every decision: {"threads", "foreign", "at"}
 
 
@@ -210,8 +176,11 @@ def configure(model=None, device=None) -> int:
     _state.active, _state.epochs = True, 0
     _state.capacity = cpu_capacity()
     try:
-        foreign = runnable_others()
+        a = snapshot()
+        time.sleep(PROBE_S)
         _state.mark = snapshot()
+        foreign = foreign_cores(a, _state.mark)
+        _state.next_check = time.perf_counter() + CHECK_EVERY_S
     except (OSError, ValueError):     # no /proc (not Linux): leave torch's choice alone
         _state.active = False
         return cur
@@ -221,9 +190,22 @@ def configure(model=None, device=None) -> int:
 def on_epoch_end(model=None, seconds: float | None = None) -> int:
     """Call after each epoch (validation included): re-measures the load over the epoch and sets the
     thread count for the next one. Returns the thread count in effect."""
-    if not _state.active or _state.mark is None:
+    if not _state.active:
         return torch.get_num_threads()
     _state.epochs += 1
+    return _decide(f"epoch {_state.epochs}")
+
+
+def on_step() -> int | None:
+    """Call after each training step (cheap: a clock read); every CHECK_EVERY_S it re-measures the load
+    over the last window and sets the thread count, so a load that starts in the middle of a long epoch
+    costs seconds, not the rest of the epoch. Returns the count when it decided, else None."""
+    if not _state.active or time.perf_counter() < _state.next_check:
+        return None
+    return _decide(f"epoch {_state.epochs + 1}, step")
+
+
+def _decide(at: str) -> int:
     if torch.get_num_threads() != _state.applied:     # changed by someone else since: theirs to decide
         _state.active = False
         return torch.get_num_threads()
@@ -231,14 +213,12 @@ def on_epoch_end(model=None, seconds: float | None = None) -> int:
         now = snapshot()
     except (OSError, ValueError):
         return torch.get_num_threads()
-    if now.wall - _state.mark.wall < MIN_WINDOW_S:     # too short to tell: keep measuring
+    if _state.mark is None or now.wall - _state.mark.wall < MIN_WINDOW_S:   # too short to tell: keep measuring
         return torch.get_num_threads()
     foreign = foreign_cores(_state.mark, now)
-    _state.mark = now
+    _state.mark, _state.next_check = now, time.perf_counter() + CHECK_EVERY_S
     n = choose(_state.base, _state.capacity, foreign)
-    if n != _state.applied:
-        return _apply(n, foreign, f"epoch {_state.epochs}")
-    return n
+    return _apply(n, foreign, at) if n != _state.applied else n
 
 
 def summary() -> dict:

@@ -53,10 +53,11 @@ class TransferNet(nn.Module):
         self.head = make_head(num_features, num_classes, hidden, standardize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone(x).flatten(1)
-        if self.flip_average:
-            f = mean_of_views([f, self.backbone(x.flip(-1)).flatten(1)])
-        return self.head(f)
+        if not self.flip_average:
+            return self.head(self.backbone(x).flatten(1))
+        # Both views in one backbone call: one pass of its layers (and one row each in `summary`).
+        f = self.backbone(torch.cat([x, x.flip(-1)])).flatten(1)
+        return self.head(mean_of_views(list(f.chunk(2))))
 
     def set_backbone_trainable(self, trainable: bool) -> None:
         self.backbone.requires_grad_(trainable)
