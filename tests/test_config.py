@@ -328,3 +328,18 @@ def test_console_script_reports_config_error(tmp_path):
     proc = subprocess.run([str(script), "run", str(p)], capture_output=True, text=True, cwd=tmp_path / "home",
                           env=subprocess_env(tmp_path / "home"), timeout=120)
     _assert_one_line_error(proc, "monitor", "val_acc", str(p))
+
+
+def test_readme_config_reference_lists_every_key():
+    """The README's reference block is valid TOML naming every key of every table (and nothing else)."""
+    import dataclasses
+    import tomllib
+
+    from cnnlab.config import SECTIONS
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Config reference", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    ref = tomllib.loads(block)
+    top = {f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS}
+    assert {k for k, v in ref.items() if not isinstance(v, dict)} == top | {"base"}
+    for name, tp in SECTIONS.items():
+        assert set(ref[name]) == {f.name for f in dataclasses.fields(tp)}, name

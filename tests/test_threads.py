@@ -62,6 +62,7 @@ def test_parse_cpu_max_and_busy_seconds():
     assert threads.parse_busy_seconds(STAT) == pytest.approx((1000 + 50 + 200 + 5 + 5 + 40) / tck)
     assert threads.parse_busy_seconds(STAT, {1}) == pytest.approx((400 + 50 + 100 + 20) / tck)
     assert threads.parse_busy_seconds(STAT, {0, 1}) == pytest.approx((730 + 570) / tck)
+    assert threads.parse_busy_seconds(STAT, niced=False) == pytest.approx((1000 + 200 + 5 + 5 + 40) / tck)
 
 
 def test_foreign_cores_subtracts_our_own_cpu_time():

@@ -38,6 +38,7 @@ import torch
 SLACK = 0.3          # foreign load (cores) tolerated before giving up a thread: daemons, short bursts
 MIN_WINDOW_S = 0.25  # shortest measuring window a decision is made on (shorter: keep measuring)
 CHECK_EVERY_S = 2.0  # on_step re-measures after this many seconds
+MAX_LOG = 100        # decisions kept for summary()
 PROBE_S = 0.08       # configure's first measurement (asleep): 16 ticks of 2 CPUs at Linux's 100 Hz
 
 
@@ -91,9 +92,10 @@ def choose(base: int, capacity: float, foreign: float) -> int:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def parse_busy_seconds(stat_text: str, cpus: set[int] | None = None) -> float:
-    """Busy CPU seconds in /proc/stat text: user+nice+system+irq+softirq+steal (guest is inside user),
-    summed over the per-CPU lines of `cpus`, or the aggregate 'cpu' line when cpus is None."""
+def parse_busy_seconds(stat_text: str, cpus: set[int] | None = None, niced: bool = True) -> float:
+    """Busy CPU seconds in /proc/stat text: user+system+irq+softirq+steal (guest is inside user), and
+    nice (user time of processes at nice > 0) when `niced`; over the per-CPU lines of `cpus`, or the
+    aggregate 'cpu' line when cpus is None."""
     total = 0
     for line in stat_text.splitlines():
         if not line.startswith("cpu"):
@@ -105,7 +107,7 @@ def parse_busy_seconds(stat_text: str, cpus: set[int] | None = None) -> float:
         elif name == "cpu" or int(name[3:]) not in cpus:
             continue
         v = [int(x) for x in vals[:8]] + [0] * (8 - len(vals[:8]))
-        total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+        total += v[0] + v[2] + v[5] + v[6] + v[7] + (v[1] if niced else 0)
     return total / _CLK_TCK
 
 
@@ -117,11 +119,14 @@ class Snapshot:
 
 
 def snapshot() -> Snapshot:
+    """Now: the clock, the busy time of our CPUs, our own CPU time. Processes at nice > 0 are left out of
+    the busy time unless this one is niced too: they yield to us (a nice-19 background job takes ~1.5%
+    of a core from a thread of ours), so they do not stall our threads."""
     try:
         cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         cpus = None
-    busy = parse_busy_seconds(open("/proc/stat").read(), cpus)
+    busy = parse_busy_seconds(open("/proc/stat").read(), cpus, niced=os.getpriority(os.PRIO_PROCESS, 0) > 0)
     return Snapshot(time.perf_counter(), busy, time.process_time())
 
 
@@ -159,12 +164,13 @@ def _apply(n: int, foreign: float, at: str) -> int:
         torch.set_num_threads(n)
     _state.applied = n
     _state.log.append({"threads": n, "foreign": round(foreign, 2), "at": at})
+    del _state.log[1:-MAX_LOG]            # the first decision and the latest ones
     return n
 
 
 def configure(model=None, device=None) -> int:
     """Call at the start of fit (and of any long CPU loop): sets torch's threads to the free cores.
-    Returns the thread count in effect."""
+    Returns the thread count in effect. (model is not used: the engine's call passes it.)"""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     from cnnlab import distributed
     if dev.type != "cpu" or _pinned() or distributed.info().enabled:
