@@ -40,16 +40,22 @@ LOSS_RTOL = 1e-3
 ACC_ATOL = 0.01
 
 
+def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m cnnlab ARGS` (gloo, one thread each); must exit 0."""
+    env = subprocess_env(tmp_path / "home", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cnnlab", *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     cfg = tmp_path / "dp.toml"
     cfg.write_text(CFG)
     single = run_cli(["run", cfg, "--runs-dir", tmp_path / "single", "-q"], tmp_path / "home")
     assert single.returncode == 0, single.stderr
-    env = subprocess_env(tmp_path / "home", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "cnnlab", "run", str(cfg), "--runs-dir", str(tmp_path / "ddp"), "-q"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    torchrun(["run", cfg, "--runs-dir", tmp_path / "ddp", "-q"], tmp_path)
     runs = list((tmp_path / "ddp").iterdir())
     assert len(runs) == 1                                   # one process writes outputs
     ddp_run, single_run = runs[0], next((tmp_path / "single").iterdir())
@@ -123,11 +129,7 @@ def test_suite_under_torchrun_makes_one_folder_and_every_row_ok(tmp_path):
     d.mkdir()
     (d / "01_a.toml").write_text(synthetic_row("a", 0.002, 2))
     (d / "02_b.toml").write_text(synthetic_row("b", 0.001, 2))
-    env = subprocess_env(tmp_path / "home", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "cnnlab", "suite", str(d), "--runs-dir", str(tmp_path / "runs"), "-q"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = torchrun(["suite", d, "--runs-dir", tmp_path / "runs", "-q"], tmp_path)
     folders = list((tmp_path / "runs").iterdir())
     assert len(folders) == 1, folders
     results = [json.loads(p.read_text()) for p in sorted(folders[0].rglob("results.json"))]
