@@ -40,7 +40,7 @@ RECIPES = {
 }
 
 
-def cnnlab_fit(npz: Path, recipe: str, epochs: int) -> dict:
+def cnnlab_fit(npz: Path, recipe: str, epochs: int, device: str = "cpu") -> dict:
     """Train images/s of cnnlab on the npz data with the recipe's config tables (whole fit timed)."""
     import numpy as np
     import torch
@@ -59,7 +59,7 @@ def cnnlab_fit(npz: Path, recipe: str, epochs: int) -> dict:
                  [str(i) for i in range(25)], "bench")
     raw = {**raw, "train": {**raw["train"], "epochs": epochs}, "data": {"source": "synthetic", "val_split": "last"}}
     cfg = from_dict(raw)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
     sp = prepare_splits(ds, cfg.data, cfg.train.normalize, 0, dev)
     torch.manual_seed(0)
     tr = engine.Trainer(create_model(model, 25), cfg.train, dev, 0, sp.normalizer, Augmenter(cfg.augment))
@@ -106,13 +106,13 @@ def measure(fn, load: bool, wait: bool) -> tuple[float, float, str]:
     return r, other.cores, note
 
 
-def child(npz: Path, recipe: str, epochs: int, fixed: bool) -> tuple[float, str]:
+def child(npz: Path, recipe: str, epochs: int, fixed: bool, device: str) -> tuple[float, str]:
     """cnnlab's images/s in a fresh process, and its thread counts ('2' or e.g. '2>1>2' when they changed)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     if fixed:
         import torch
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    out = subprocess.run([sys.executable, __file__, "--child", recipe, "--npz", str(npz), "--epochs", str(epochs)],
+    out = subprocess.run([sys.executable, __file__, "--child", recipe, "--npz", str(npz), "--epochs", str(epochs), "--device", device],
                          env=env, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     counts = [str(c["threads"]) for c in r["threads"]["changes"]] or [str(r["threads"]["threads"])]
@@ -129,11 +129,12 @@ def main() -> None:
     ap.add_argument("--only", default="basenet,bnpre")
     ap.add_argument("--no-keras", action="store_true")
     ap.add_argument("--wait-quiet", action="store_true", help="before each measurement wait (<= 5 min) for other heavy processes to end")
+    ap.add_argument("--device", default="cpu", help="cnnlab's device (cuda on a GPU machine; Keras stays on the CPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--npz", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(cnnlab_fit(Path(a.npz), a.child, a.epochs)))
+        print(json.dumps(cnnlab_fit(Path(a.npz), a.child, a.epochs, a.device)))
         return
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -152,9 +153,9 @@ def main() -> None:
                     kr = run_keras("keras_practice.py", str(npz), "bnpre")[0]
                     return 0.9 * a.aug_train * kr["epochs_run"] / kr["seconds"], ""
                 epochs = 30
-            sides = ([] if a.no_keras else [("keras", keras)]) + [("cnnlab", lambda: child(npz, recipe, epochs, False))]
+            sides = ([] if a.no_keras else [("keras", keras)]) + [("cnnlab", lambda: child(npz, recipe, epochs, False, a.device))]
             if a.fixed_threads:
-                sides.append(("cnnlab fixed threads", lambda: child(npz, recipe, epochs, True)))
+                sides.append(("cnnlab fixed threads", lambda: child(npz, recipe, epochs, True, a.device)))
             fig = {}
             for side, fn in sides:
                 runs = [measure(fn, a.under_load, a.wait_quiet) for _ in range(a.repeat)]

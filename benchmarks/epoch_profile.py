@@ -1,6 +1,6 @@
 """Where one training epoch's time goes, part by part, for a recipe on this machine (the code of profile.py).
 
-Usage: python benchmarks/profile.py RECIPE [--epochs 3] [--steps N]     RECIPE: basenet | bnpre | resnet50
+Usage: python benchmarks/profile.py RECIPE [--epochs 3] [--steps N] [--device cuda]   RECIPE: basenet | bnpre | resnet50
 
   basenet   BaseNet, SGD, batch 64, 11,250 training / 1,250 validation images (as cifar_speed.py)
   bnpre     BN-before-ReLU deeper net, Adam, batch 32, featurewise normalization, zoom 0.2 + flip,
@@ -14,7 +14,8 @@ batch by index from the uint8 tensor, Normalizer, Augmenter (and the memory-form
 bf16 autocast where the CPU has fast bf16, cross-entropy, zero_grad + backward, fused optimizer step,
 metric bookkeeping; then Trainer.evaluate on the validation split. The model, optimizer, precision and
 memory format are the Trainer's own, and cnnlab.threads sets the thread count as fit does. CPU ops run
-synchronously, so a timer around a part measures that part.
+synchronously, so a timer around a part measures that part; on a GPU (--device cuda) every timer
+synchronizes the device first (which adds the syncs a real epoch does not have: compare wall times).
 
 Python/dispatch: each row above it is net of its estimated framework overhead (aten ops the part calls,
 counted with a dispatch mode, x the measured cost of a tiny op: forward-side ops from Python, backward
@@ -49,7 +50,7 @@ PARTS = ["batch gather", "normalization", "augmentation", "forward", "loss", "ba
 
 # ---------------------------------------------------------------- the recipes
 
-def recipe(name: str, steps: int | None):
+def recipe(name: str, steps: int | None, device: torch.device):
     """(trainer, train split, validation split, description) of a recipe, on random data."""
     g = torch.Generator().manual_seed(0)
     if name in ("basenet", "bnpre"):
@@ -65,7 +66,7 @@ def recipe(name: str, steps: int | None):
         else:
             cfg, model = TrainConfig(optimizer="adam", batch_size=bs), create_model("deepnet_bn_pre", 25)
             norm, aug = Normalizer.fit(x[:n_tr]), Augmenter(AugmentConfig(zoom=0.2, hflip=True))
-        tr = Trainer(model, cfg, torch.device("cpu"), 0, norm, aug)
+        tr = Trainer(model, cfg, device, 0, norm, aug)
         desc = f"{name}: {cfg.optimizer}, batch {bs}, {n_tr} training / {n_va} validation images"
     elif name == "resnet50":
         from cnnlab.models.backbones import TransferNet, create_backbone
@@ -76,11 +77,12 @@ def recipe(name: str, steps: int | None):
         backbone, nf, norm, size = create_backbone("resnet50", "none")
         cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=bs)
         aug = Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size)
-        tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, torch.device("cpu"), 0, norm, aug,
+        tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, device, 0, norm, aug,
                      image_size=size, eval_crop=0.875)
         desc = f"resnet50 at {size}: sgd momentum 0.9, batch {bs}, {n_tr} training / {n_va} validation images (256 stored)"
     else:
         raise SystemExit(f"unknown recipe {name!r}: basenet, bnpre or resnet50")
+    x, y = x.to(device), y.to(device)               # uint8 on the device, as the engine keeps them
     return tr, Batches(x[:n_tr], y[:n_tr]), Batches(x[n_tr:], y[n_tr:]), desc
 
 
@@ -92,7 +94,7 @@ def step_parts(tr: Trainer, data: Batches, idx_from: torch.Tensor, hooks: dict |
     cfg, model, opt = tr.cfg, tr.net, tr.optimizer
     hooks = hooks or {}
     ctx = lambda p: hooks.get(p, nullcontext)()          # noqa: E731
-    t = time.perf_counter
+    t = clock(tr.device)
     out = {}
     a = t()
     with ctx("batch gather"):
@@ -132,24 +134,32 @@ def step_parts(tr: Trainer, data: Batches, idx_from: torch.Tensor, hooks: dict |
     return out
 
 
+def clock(device: torch.device):
+    """perf_counter, after waiting for the device's queued work when it runs asynchronously (CUDA)."""
+    if device.type != "cuda":
+        return time.perf_counter
+    return lambda: (torch.cuda.synchronize(device), time.perf_counter())[1]
+
+
 def timed_epoch(tr: Trainer, data: Batches, val: Batches) -> tuple[dict, float, int]:
     """Seconds per part over one epoch (validation included), the epoch's wall time, and its steps."""
     tr.net.train()
     n, bs = len(data), tr.cfg.batch_size
     steps = math.ceil(n / bs)
     tot = dict.fromkeys(PARTS, 0.0)
-    t0 = time.perf_counter()
-    perm = torch.randperm(n, generator=tr.shuffle_gen)
-    tr._loss_sum = torch.zeros(())
-    tr._correct = torch.zeros((), dtype=torch.long)
+    t = clock(tr.device)
+    t0 = t()
+    perm = torch.randperm(n, generator=tr.shuffle_gen).to(tr.device)
+    tr._loss_sum = torch.zeros((), device=tr.device)
+    tr._correct = torch.zeros((), dtype=torch.long, device=tr.device)
     for i in range(steps):
         for p, s in step_parts(tr, data, perm[i * bs:(i + 1) * bs]).items():
             tot[p] += s
     _ = tr._loss_sum.item(), tr._correct.item()
-    v = time.perf_counter()
+    v = t()
     tr.evaluate(val)
-    tot["validation"] = time.perf_counter() - v
-    return tot, time.perf_counter() - t0, steps
+    tot["validation"] = t() - v
+    return tot, t() - t0, steps
 
 
 # ---------------------------------------------------------------- counting: ops, FLOPs, dispatch cost, peak
@@ -167,8 +177,9 @@ class OpCount(TorchDispatchMode):
 def count_step(tr: Trainer, data: Batches) -> tuple[dict, dict]:
     """aten ops and FLOPs of each part in one step (a step that is not timed)."""
     ops, flops = {}, {}
-    idx = torch.arange(min(tr.cfg.batch_size, len(data)))
-    tr._loss_sum, tr._correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    idx = torch.arange(min(tr.cfg.batch_size, len(data)), device=tr.device)
+    tr._loss_sum = torch.zeros((), device=tr.device)
+    tr._correct = torch.zeros((), dtype=torch.long, device=tr.device)
     counters = {}
 
     def make(p):
@@ -243,8 +254,9 @@ def main() -> None:
     ap.add_argument("recipe", choices=["basenet", "bnpre", "resnet50"])
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
     ap.add_argument("--steps", type=int, help="steps per epoch (default: the whole split; resnet50: 4)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
-    tr, data, val, desc = recipe(a.recipe, a.steps)
+    tr, data, val, desc = recipe(a.recipe, a.steps, torch.device(a.device))
     nthreads = threads.configure(tr.model, tr.device)
     (fp32, n32), (bf16, n16) = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     c_fwd, c_bwd = dispatch_cost()

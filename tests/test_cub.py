@@ -172,12 +172,12 @@ def test_missing_listed_image(tmp_path, source):
 def test_decode_cache_reused_and_invalidated(tmp_path, monkeypatch, source):
     data, folder = tree(tmp_path, source)
     first = load_dataset(cfg(data, source), quiet=True)
-    real_decode = images_mod.decode
+    real_decode = images_mod.read_image
 
     def no_decode(*a, **k):
         raise AssertionError("decoded JPEGs although the cache should have been used")
 
-    monkeypatch.setattr(images_mod, "decode", no_decode)
+    monkeypatch.setattr(images_mod, "read_image", no_decode)
     again = load_dataset(cfg(data, source), quiet=True)
     assert (again.x_train == first.x_train).all() and (again.y_test == first.y_test).all()
     with pytest.raises(AssertionError, match="decoded JPEGs"):          # another size: a new cache
@@ -185,7 +185,7 @@ def test_decode_cache_reused_and_invalidated(tmp_path, monkeypatch, source):
 
     # A changed file invalidates the cache too.
     calls = []
-    monkeypatch.setattr(images_mod, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    monkeypatch.setattr(images_mod, "read_image", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     _save(folder / "images" / _records()[0][0], 2)
     changed = load_dataset(cfg(data, source), quiet=True)
     assert calls and changed.x_train[0].float().mean() == pytest.approx(level(2), abs=4)

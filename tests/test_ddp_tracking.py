@@ -40,11 +40,13 @@ LOSS_RTOL = 1e-3
 ACC_ATOL = 0.01
 
 
-def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m cnnlab ARGS` (gloo, one thread each); must exit 0."""
+def torchrun(args: list, tmp_path: Path, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m cnnlab ARGS` (or SCRIPT ARGS; gloo, one thread each);
+    must exit 0."""
     env = subprocess_env(tmp_path / "home", OMP_NUM_THREADS="1")
+    target = [str(script)] if script else ["-m", "cnnlab"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "cnnlab", *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           *target, *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc

@@ -332,3 +332,17 @@ def test_random_resized_crop_with_zoom_or_padding_is_refused():
     for extra in ({"zoom": 0.2}, {"crop_padding": 4}):
         with pytest.raises(ConfigError, match="random_resized_crop"):
             from_dict({"augment": {"random_resized_crop": True, **extra}})
+
+
+def test_evaluation_batch_counts_32px_images_and_shrinks_for_larger_inputs():
+    """eval_batch_size = 500 suits CIFAR; at 224 it would hold 500 images' activations (9 GB for ResNet50)."""
+    from cnnlab.engine import Batches, Trainer
+    cfg = TrainConfig(batch_size=32, eval_batch_size=500)
+    tr = Trainer(nn.Linear(4, 2), cfg, torch.device("cpu"), 0)
+    imgs = lambda side: Batches(torch.zeros(2, 3, side, side, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))  # noqa: E731
+    assert tr.eval_batch(imgs(32)) == 500
+    assert tr.eval_batch(imgs(64)) == 125
+    assert tr.eval_batch(imgs(224)) == 32                 # never below the training batch
+    assert tr.eval_batch(Batches(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))) == 500   # features
+    tr.image_size = 224                                   # stored 32 px, network input 224: the input counts
+    assert tr.eval_batch(imgs(32)) == 32

@@ -107,7 +107,7 @@ def test_frozen_features_are_cached_and_reused(tmp_path, monkeypatch):
     r1, r2 = read_json(run1.path / 'results.json'), read_json(run2.path / 'results.json')
     assert r2["features_from_cache"] is True
     assert r2["test_accuracy"] == r1["test_accuracy"] and r2["test_loss"] == r1["test_loss"]
-    assert len(list((Path(features.cache_dir()) / "features").glob("*.pt"))) == 2     # train + test
+    assert len(list((Path(features.cache_dir()) / "features").glob("*.npy"))) == 2    # train + test, memory-mapped
 
 
 def test_feature_cache_depends_on_weights(tmp_path):

@@ -138,7 +138,10 @@ def check_same_classes(run_classes: list[str], data_classes: list[str], where: s
 @torch.no_grad()
 def logits_of(model: nn.Module, pre: Preprocess, x_uint8: torch.Tensor, device: torch.device, bf16: bool,
               batch_size: int = 256) -> torch.Tensor:
+    """Logits of uint8 images, batched; `batch_size` counts 32x32 inputs (larger ones: proportionally fewer,
+    at least 16), so that a ResNet50 at 224 does not hold the activations of 256 images at once."""
     from cnnlab.device import autocast
+    batch_size = max(min(batch_size, 16), batch_size * 32 * 32 // (pre.input_size ** 2))
     out = []
     for i in range(0, len(x_uint8), batch_size):
         with autocast(device, bf16):
@@ -164,7 +167,9 @@ def evaluate_run(m: Model, data: str | None, data_dir: str | None, split: str, q
     else:
         _, va = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
         x, y = ds.x_train[va], ds.y_train[va]
-    logits = logits_of(m.model, m.preprocess, x, m.device, use_bf16(cfg.train.precision, m.device))
+    size = m.preprocess.input_size
+    bf16 = use_bf16(cfg.train.precision, m.device, m.model, (16, 3, size, size), train=False)
+    logits = logits_of(m.model, m.preprocess, x, m.device, bf16)
     ev = evaluate_logits(logits, y.to(m.device), m.classes)
     folder = m.run_dir / (f"eval-{name}-{split}" if name else f"eval-{split}")
     write_evaluation(folder, ev, x, title=f"{m.config.name} on {name or 'its own data'} ({split})")

@@ -1,7 +1,9 @@
 """Batched image preprocessing and augmentation, on whole uint8 batches on the training device.
 
 No per-image Python: each transform draws its random numbers for the whole batch from one generator
-(so the seed fixes every augmentation), then applies them with a single tensor op.
+(so the seed fixes every augmentation), then applies them with a single tensor op. Under torchrun a
+process holds only its part of the global batch: it draws the numbers of the whole global batch (`n`)
+and applies those of its part (`part`), so every image gets the numbers it gets on one process.
 
 Keras semantics where the practice used Keras (ImageDataGenerator):
 - zoom_range=z: zoom factors for x and y drawn independently from U[1-z, 1+z]; a factor > 1 samples a
@@ -19,15 +21,19 @@ import torch.nn.functional as F
 from cnnlab.config import AugmentConfig
 
 
-def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5
+Draw = tuple[int, slice]        # (global batch size, the part of it this batch holds)
+
+
+def hflip(x: torch.Tensor, gen: torch.Generator, n_draw: int | None = None, part: slice = slice(None)) -> torch.Tensor:
+    flip = (torch.rand(n_draw or len(x), generator=gen, device=gen.device) < 0.5)[part]
     return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def zoom(x: torch.Tensor, z: float, gen: torch.Generator) -> torch.Tensor:
+def zoom(x: torch.Tensor, z: float, gen: torch.Generator, n_draw: int | None = None,
+         part: slice = slice(None)) -> torch.Tensor:
     """Keras zoom_range=z on a float batch: independent x/y factors in [1-z, 1+z], centred, edge fill."""
     n = len(x)
-    f = torch.empty(n, 2, device=gen.device).uniform_(1 - z, 1 + z, generator=gen).to(x.device)
+    f = torch.empty(n_draw or n, 2, device=gen.device).uniform_(1 - z, 1 + z, generator=gen)[part].to(x.device)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = f[:, 0]
     theta[:, 1, 1] = f[:, 1]
@@ -36,21 +42,22 @@ def zoom(x: torch.Tensor, z: float, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, n_draw: int | None = None,
+                part: slice = slice(None)) -> torch.Tensor:
     """Reflect-pad by `pad` then crop back at a random offset per image (one gather for the batch)."""
     n, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=gen.device).to(x.device)
+    off = torch.randint(0, 2 * pad + 1, (n_draw or n, 2), generator=gen, device=gen.device)[part].to(x.device)
     rows = (off[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
     cols = (off[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
     return xp.gather(2, rows).gather(3, cols)
 
 
 def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.Generator,
-                        flip: bool = False) -> torch.Tensor:
+                        flip: bool = False, n_draw: int | None = None, part: slice = slice(None)) -> torch.Tensor:
     """Inception-style crop (area in [min_scale, 1], aspect in [3/4, 4/3]) resized to out x out, batched,
     with an optional random horizontal flip folded into the same affine sample."""
-    n = len(x)
+    n = n_draw or len(x)
     dev = gen.device
     area = torch.empty(n, device=dev).uniform_(min_scale, 1.0, generator=gen)
     logr = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
@@ -63,8 +70,8 @@ def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2] = sw * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = sh, cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
+    theta = theta[part].to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, [len(x), x.shape[1], out, out], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -80,14 +87,16 @@ class Augmenter:
         c = self.cfg
         return bool(c.zoom or c.hflip or c.crop_padding or c.random_resized_crop)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, draw: Draw | None = None) -> torch.Tensor:
+        """`draw`: (global batch size, x's part of it) when x is one process's shard; None: x is the batch."""
         c = self.cfg
+        n, part = draw or (len(x), slice(None))
         if c.random_resized_crop:
-            return random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, flip=c.hflip)
+            return random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, c.hflip, n, part)
         if c.crop_padding:
-            x = random_crop(x, c.crop_padding, gen)
+            x = random_crop(x, c.crop_padding, gen, n, part)
         if c.zoom:
-            x = zoom(x, c.zoom, gen)
+            x = zoom(x, c.zoom, gen, n, part)
         if c.hflip:
-            x = hflip(x, gen)
+            x = hflip(x, gen, n, part)
         return x

@@ -45,12 +45,15 @@ class DataConfig:
     image_size: int = 0               # resize (shorter side + center crop) for JPEG sources; 0 = source default
     download: bool = True             # download official archives when missing (needs internet)
     skip_corrupt: bool = False        # skip unreadable images with a warning instead of failing
+    # MB the splits may take on the training device (RAM on a CPU); a split beyond it is streamed from its
+    # file batch by batch. 0 = half of the free memory (host RAM / GPU memory), shared by a machine's processes
+    memory_budget_mb: int = 0
     synthetic_train: int = 2000       # synthetic source only: images per split
     synthetic_test: int = 500
 
     def check(self, w: str) -> None:
         _check(0.0 <= self.val_fraction < 1.0, w, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")
-        for key in ("max_train_per_class", "max_test_per_class", "image_size"):
+        for key in ("max_train_per_class", "max_test_per_class", "image_size", "memory_budget_mb"):
             _check(getattr(self, key) >= 0, w, key, "must be >= 0")
         for key in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, key) > 0, w, key, "must be > 0")
@@ -99,7 +102,7 @@ class TrainConfig:
     eps: float = 1e-7                 # Adam epsilon (Keras default)
     epochs: int = 20                  # all epochs, the head-only ones (head_epochs) included
     batch_size: int = 64
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500        # for 32x32 inputs; larger inputs: proportionally fewer (>= batch_size)
     label_smoothing: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"   # onecycle: linear up (warmup), linear down
     warmup_epochs: float = 0.0
@@ -111,6 +114,8 @@ class TrainConfig:
     freeze_backbone: bool = False     # train only the head (features computed once and cached)
     head_epochs: int = 0              # fine-tuning: the first epochs train the head alone (backbone frozen)
     backbone_lr_mult: float = 1.0     # fine-tuning: backbone lr = lr * this
+    freeze_bn_stats: bool = False     # fine-tuning: the backbone's BatchNorm layers keep their pretrained statistics
+    probe_epochs: int = 0             # fine-tuning: first train the head on cached frozen features (linear probe, at most this many epochs)
     checkpoint_every: int = 1         # epochs between 'last' checkpoints
 
     @property
@@ -131,6 +136,9 @@ class TrainConfig:
         _check(0 <= self.head_epochs <= self.epochs, w, "head_epochs",
                f"must be in [0, epochs] (epochs = {self.epochs} counts the head-only epochs too)")
         _check(self.backbone_lr_mult >= 0, w, "backbone_lr_mult", "must be >= 0")
+        _check(self.probe_epochs >= 0, w, "probe_epochs", "must be >= 0 (0: no linear probe)")
+        _check(not (self.probe_epochs and self.freeze_backbone), w, "probe_epochs",
+               "is for fine-tuning; with freeze_backbone = true the run itself trains the head on the frozen features")
         _check(self.checkpoint_every >= 1, w, "checkpoint_every", "must be >= 1")
 
 

@@ -76,7 +76,12 @@ def device_for(requested: str) -> str:
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
     if _INFO.enabled:
         for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if t.device.type == "cpu" and dist.get_backend() == "nccl":    # NCCL reduces GPU tensors only
+                g = t.cuda()
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                t.copy_(g)
+            else:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def shutdown() -> None:

@@ -2,7 +2,9 @@
 
 Design (after airbench): the whole split lives on the device as a uint8 tensor; each step gathers a
 batch by index, converts and augments it with batched tensor ops, and runs the model. Metrics are
-accumulated on the device and read once per epoch, so the loop never waits on the host.
+accumulated on the device and read once per epoch, so the loop never waits on the host. A split over the
+memory budget is `Streamed` instead (cnnlab.data.stream): the same batches for the same indices, read from
+host storage on a background thread; the loop asks both kinds for its batches the same way.
 
 `fit(trainer, train, val, callbacks)` owns the epochs and the phases of a run: with `head_epochs`, the
 first epochs train the head alone (backbone frozen), then everything; one optimizer and one learning-rate
@@ -23,7 +25,8 @@ from cnnlab import distributed, threads
 from cnnlab.augment import Augmenter
 from cnnlab.callbacks import Callback
 from cnnlab.config import TrainConfig
-from cnnlab.device import autocast, use_bf16
+from cnnlab.data.stream import Batches, Streamed
+from cnnlab.device import autocast, precision_is_measured, use_bf16
 from cnnlab.preprocess import Normalizer, center_crop
 
 
@@ -74,14 +77,7 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 
 # ---------------------------------------------------------------- the trainer
 
-@dataclass
-class Batches:
-    """A split on the device: uint8 images (or float features) and labels."""
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
+Split = Batches | Streamed
 
 
 @dataclass
@@ -97,11 +93,14 @@ class Trainer:
 
     def __post_init__(self):
         self.bf16 = use_bf16(self.cfg.precision, self.device)
+        # 'auto' on a bf16-capable CPU is measured per model: settled on the first batch's shape.
+        self._precision_pending = precision_is_measured(self.cfg.precision, self.device)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         self.dist = distributed.info()
         if hasattr(self.model, "set_backbone_trainable"):
             self.model.set_backbone_trainable(True)     # every parameter gets its optimizer group
+            self.model.bn_frozen = self.cfg.freeze_bn_stats
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.phase = ""
         self.net = self.model                  # DDP wrapper under torchrun (see enter_phase)
@@ -137,11 +136,22 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
 
     # -- inputs
-    def _prepare(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
+    def _settle_precision(self, data: Batches) -> None:
+        """precision = 'auto' on a CPU with bf16 units: fp32 or bf16, whichever runs this model's training
+        step faster here (timed once per CPU and model, see device.use_bf16)."""
+        if self._precision_pending and len(data):
+            self._precision_pending = False
+            sample = self._prepare(data.x[:1], train=False)        # no augmentation: no random numbers drawn
+            shape = (min(self.cfg.batch_size, 16), *sample.shape[1:])
+            self.bf16 = use_bf16(self.cfg.precision, self.device, self.model, shape, train=True)
+
+    def _prepare(self, xb: torch.Tensor, train: bool, draw: tuple[int, slice] | None = None) -> torch.Tensor:
+        """uint8 -> network input. `draw`: (global batch size, this rank's part of it): the augmentation
+        draws its random numbers for the whole global batch and applies those of the part."""
         if xb.dtype == torch.uint8:
             xb = self.normalizer(xb)
             if train and self.augmenter is not None and self.augmenter.active:
-                xb = self.augmenter(xb, self.aug_gen)
+                xb = self.augmenter(xb, self.aug_gen, draw)
             if self.image_size and xb.shape[-1] != self.image_size:
                 xb = center_crop(xb, self.eval_crop, self.image_size)
         if xb.ndim == 4:
@@ -149,34 +159,34 @@ class Trainer:
         return xb
 
     # -- one epoch
-    def train_epoch(self, data: Batches) -> dict:
-        """One pass over the data. Under DDP every rank prepares the same global batch (same seed) and
-        computes its shard; the loss is the shard's sum / global batch size, so DDP's gradient average
-        equals the gradient of the global batch mean."""
+    def train_epoch(self, data: Split) -> dict:
+        """One pass over the data. Under DDP every rank draws the same permutation and augmentation (same
+        seed) and reads, augments and computes only its shard of each global batch; the loss is the shard's
+        sum / global batch size, so DDP's gradient average equals the gradient of the global batch mean."""
         model, cfg, opt, world = self.net, self.cfg, self.optimizer, self.dist.world
+        self._settle_precision(data)
         model.train()
         n, bs = len(data), cfg.batch_size
         steps = math.ceil(n / bs)
         total_steps = steps * cfg.epochs
-        perm = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
+        perm = torch.randperm(n, generator=self.shuffle_gen)
+        sizes = [min(bs, n - i * bs) for i in range(steps)]            # global batch sizes
+        parts = [self.dist.shard(size) for size in sizes]              # this rank's part of each
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         scheduled = cfg.schedule != "constant" or cfg.warmup_epochs > 0
         batch_hooks = [c for c in self.callbacks if type(c).on_batch_end is not Callback.on_batch_end]
-        for i in range(steps):
+        shards = [slice(i * bs + p.start, i * bs + p.stop) for i, p in enumerate(parts)]
+        for i, (xb, yb) in enumerate(data.batches(perm, shards)):
             if scheduled:
                 f = lr_factor(cfg, self.step, total_steps, steps)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * f
-            idx = perm[i * bs:(i + 1) * bs]
-            xb, yb = self._prepare(data.x[idx], train=True), data.y[idx]
-            if world > 1:
-                part = self.dist.shard(len(idx))
-                xb, yb = xb[part], yb[part]
+            xb = self._prepare(xb, train=True, draw=(sizes[i], parts[i]))
             with autocast(self.device, self.bf16):
                 logits = model(xb)
             loss_sum_b = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum")
-            loss = loss_sum_b * (world / len(idx))
+            loss = loss_sum_b * (world / sizes[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -184,35 +194,48 @@ class Trainer:
             loss_sum += loss_sum_b.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
             for c in batch_hooks:
-                c.on_batch_end(self, len(idx), loss.detach())
+                c.on_batch_end(self, sizes[i], loss.detach())
+            threads.on_step()          # a clock read; every few seconds, follows the machine's load
         # One host sync per epoch (plus one all_reduce under DDP).
         distributed.all_reduce_sum(loss_sum, correct)
         return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "lr": opt.param_groups[-1]["lr"]}
 
-    @torch.no_grad()
-    def predict_logits(self, data: Batches) -> torch.Tensor:
-        """float32 logits (N, K) of a whole split, on the device, in eval mode, batched."""
-        self.model.eval()
+    def eval_batch(self, data: Split) -> int:
+        """[train] eval_batch_size counts 32x32 images: larger inputs get proportionally fewer a batch, never
+        fewer than the training batch. Evaluation memory is activations x batch: ResNet50 at 224 with 500
+        images a batch peaked at 9 GB (benchmarks/memory.py), with 32 at the training batch's level."""
         bs = self.cfg.eval_batch_size
+        if getattr(data.x, "ndim", 0) == 4:
+            side = self.image_size or data.x.shape[-1]
+            bs = max(min(bs, self.cfg.batch_size), bs * 32 * 32 // (side * side))
+        return max(1, bs)
+
+    @torch.no_grad()
+    def predict_logits(self, data: Split, part: slice | None = None) -> torch.Tensor:
+        """float32 logits (N, K) of a whole split (or of positions `part` of it), on the device, in eval
+        mode, batched."""
+        self._settle_precision(data)
+        self.model.eval()
+        bs = self.eval_batch(data)
+        start, stop = (0, len(data)) if part is None else (part.start, part.stop)
         out = []
-        for i in range(0, len(data), bs):
+        for xb, _ in data.batches(None, [slice(i, min(i + bs, stop)) for i in range(start, stop, bs)]):
             with autocast(self.device, self.bf16):
-                out.append(self.model(self._prepare(data.x[i:i + bs], train=False)).float())
+                out.append(self.model(self._prepare(xb, train=False)).float())
         return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
 
     @torch.no_grad()
-    def evaluate(self, data: Batches) -> tuple[float, float]:
+    def evaluate(self, data: Split) -> tuple[float, float]:
         """Mean cross-entropy (no label smoothing, as Keras reports it) and accuracy; sharded under DDP."""
         if len(data) == 0:
             return float("nan"), float("nan")
         part = self.dist.shard(len(data))          # the whole split on a single process
-        shard = Batches(data.x[part], data.y[part])
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        if len(shard):
-            logits = self.predict_logits(shard)
-            loss_sum += F.cross_entropy(logits, shard.y, reduction="sum").double()
-            correct += (logits.argmax(1) == shard.y).sum()
+        if part.stop > part.start:
+            logits, y = self.predict_logits(data, part), data.y[part]
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
         distributed.all_reduce_sum(loss_sum, correct)
         return loss_sum.item() / len(data), correct.item() / len(data)
 
@@ -248,7 +271,7 @@ class FitResult:
     diverged: bool = False
 
 
-def fit(trainer: Trainer, train: Batches, val: Batches, callbacks: list[Callback] = ()) -> FitResult:
+def fit(trainer: Trainer, train: Split, val: Split, callbacks: list[Callback] = ()) -> FitResult:
     """Train from trainer.epoch to cfg.epochs, validating each epoch, calling the callbacks' hooks.
 
     Stops early when a callback sets trainer.stop_training, or when the training loss becomes NaN or

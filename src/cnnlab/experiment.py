@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,22 +18,24 @@ from cnnlab.callbacks import (Callback, EarlyStopping, HistoryWriter, ModelCheck
                               TrackerLogger, make_monitor)
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
+from cnnlab.data.stream import RowFile, memory_budget, place, rows_of
 from cnnlab.device import resolve_device, use_bf16
-from cnnlab.engine import Batches, FitResult, Trainer, fit
+from cnnlab.engine import FitResult, Split, Trainer, fit
 from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
 from cnnlab.models import count_params, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
 from cnnlab.preprocess import Normalizer, Preprocess
 from cnnlab.runs import Results, RunFolder, RunRecorder, environment, load_checkpoint
+from cnnlab.probe import probe_head
 from cnnlab.search import prepare_frozen_head
 
 
 @dataclass
 class Splits:
-    train: Batches
-    val: Batches
-    test: Batches
+    train: Split                    # on the device, or streamed when over [data] memory_budget_mb
+    val: Split
+    test: Split
     normalizer: Normalizer          # applied to the batches above (identity for cached features)
 
 
@@ -51,8 +54,10 @@ class DataCache:
         self._cache: dict[str, Dataset] = {}
 
     def get(self, cfg: DataConfig, quiet: bool) -> Dataset:
-        # The validation split is made after loading: rows that differ only there share the loaded data.
-        key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in ("val_fraction", "val_split")))
+        # The validation split and the device placement come after loading: rows that differ only there
+        # share the loaded data.
+        later = ("val_fraction", "val_split", "memory_budget_mb")
+        key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in later))
         if key not in self._cache:
             self._cache = {key: load_dataset(cfg, quiet=quiet)}   # keep one: data sets can be large
         return self._cache[key]
@@ -72,18 +77,22 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
     model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
     table = summary(model, (3, size, size))
     tr_idx, va_idx = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
-    image_norm = choose_normalizer(cfg.train.normalize, ds.x_train[tr_idx], backbone_norm, source)
+    image_norm = choose_normalizer(cfg.train.normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr_idx),
+                                   backbone_norm, source)
     preprocess = Preprocess.from_normalizer(image_norm, ds.x_train.shape[-1], size, cfg.augment.eval_crop)
     test_images, trained, extra = ds.x_test, model, {}
     if cfg.train.freeze_backbone:
         ds, extra = frozen_features(model, cfg.model.name, preprocess, ds, device,
-                                    use_bf16(cfg.train.precision, device), progress != "bar", source)
+                                    extraction_bf16(cfg.train.precision, device, model, preprocess.input_size),
+                                    progress != "bar", source)
         trained, image_norm = model.head, Normalizer()
-    splits = to_device(ds, tr_idx, va_idx, image_norm, device)
+    splits = to_device(ds, tr_idx, va_idx, image_norm, device, cfg.data, quiet=progress == "none")
     if cfg.train.batch_size > len(splits.train):
         raise ConfigError(f"{source}: [train] 'batch_size' = {cfg.train.batch_size} is larger than the training "
                           f"split ({len(splits.train)} images); lower it")
     notes = split_warnings(ds, tr_idx, va_idx, cfg.data)
+    if cfg.train.probe_epochs and not resume:     # the head from a linear probe on frozen features (probe.py)
+        extra = linear_probe(model, cfg, preprocess, ds, tr_idx, va_idx, device, progress != "bar", source)
     if cfg.train.freeze_backbone:      # feature standardization and the [search] grid, on the cached features
         cfg, extra = prepare_frozen_head(cfg, trained, splits.train, splits.val, device, progress == "none", extra)
 
@@ -134,28 +143,55 @@ def prepare_splits(ds: Dataset, cfg: DataConfig, normalize: str, seed: int, devi
     """Hold out validation, fit the normalizer on the training split only, move everything to the device
     (the image path of run_experiment in one call, for benchmarks and notebooks)."""
     tr, va = split_train_val(ds.y_train, cfg.val_fraction, cfg.val_split, seed)
-    return to_device(ds, tr, va, choose_normalizer(normalize, ds.x_train[tr], backbone_norm, "<config>"), device)
+    norm = choose_normalizer(normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr), backbone_norm, "<config>")
+    return to_device(ds, tr, va, norm, device, cfg)
+
+
+def linear_probe(model: nn.Module, cfg: Config, preprocess: Preprocess, ds: Dataset, tr_idx: torch.Tensor,
+                 va_idx: torch.Tensor, device: torch.device, quiet: bool, source: str) -> dict:
+    """Train the fine-tuning model's head on the backbone's cached frozen features of the training images."""
+    bf16 = extraction_bf16(cfg.train.precision, device, model, preprocess.input_size)
+    feats, _ = frozen_features(model, cfg.model.name, preprocess, ds, device, bf16, quiet, source, test=False)
+    return probe_head(model.head, feats.x_train, feats.y_train, tr_idx, va_idx, cfg.train, cfg.seed, device, quiet)
 
 
 def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dataset, device: torch.device,
-                    bf16: bool, quiet: bool, source: str) -> tuple[Dataset, dict]:
+                    bf16: bool, quiet: bool, source: str, test: bool = True) -> tuple[Dataset, dict]:
     """Replace images by the frozen backbone's cached features; returns the feature data set and cache info."""
     if not hasattr(model, "backbone"):
         raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {name!r}")
-    from cnnlab.features import cached_features, weights_fingerprint
+    from cnnlab.features import feature_array, weights_fingerprint
     ident = {"backbone": name, "weights": weights_fingerprint(model.backbone)}
     args = (preprocess.normalizer(), preprocess.input_size, preprocess.eval_crop, device, bf16)
     kw = {"quiet": quiet, "flip_average": model.flip_average}
-    f_tr, hit_tr = cached_features(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train", **kw)
-    f_te, hit_te = cached_features(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test", **kw)
-    return Dataset(f_tr, ds.y_train, f_te, ds.y_test, ds.classes, ds.name), {"features_from_cache": hit_tr and hit_te}
+    f_tr, hit_tr = feature_array(model.backbone, ident, ds.x_train, ds.y_train, *args, split="train",
+                                 file=ds.files.get("x_train"), **kw)
+    files = {"x_train": RowFile.of(f_tr)}          # memory-mapped: streamed when over the budget
+    if test:
+        f_te, hit_te = feature_array(model.backbone, ident, ds.x_test, ds.y_test, *args, split="test",
+                                     file=ds.files.get("x_test"), **kw)
+        files["x_test"] = RowFile.of(f_te)
+    else:
+        f_te, hit_te = np.zeros((0, f_tr.shape[1]), dtype=np.float32), True
+    return (Dataset(torch.from_numpy(f_tr), ds.y_train, torch.from_numpy(f_te), ds.y_test, ds.classes, ds.name, files),
+            {"features_from_cache": hit_tr and hit_te})
 
 
-def to_device(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, norm: Normalizer, device: torch.device) -> Splits:
-    def dev(x, y):
-        return Batches(x.to(device), y.to(device))
-    return Splits(dev(ds.x_train[tr], ds.y_train[tr]), dev(ds.x_train[va], ds.y_train[va]),
-                  dev(ds.x_test, ds.y_test), norm)
+def extraction_bf16(precision: str, device: torch.device, model: nn.Module, size: int) -> bool:
+    """bf16 autocast for feature extraction: precision 'auto' times the backbone's forward on this machine."""
+    return hasattr(model, "backbone") and use_bf16(precision, device, model.backbone, (16, 3, size, size), train=False)
+
+
+def to_device(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, norm: Normalizer, device: torch.device,
+              cfg: DataConfig | None = None, quiet: bool = False) -> Splits:
+    """Each split onto the device while [data] memory_budget_mb lasts (train first), the rest streamed."""
+    train, test = ds.files.get("x_train"), ds.files.get("x_test")
+    placed = place({"train": (rows_of(ds.x_train, train, tr), ds.y_train[tr]),
+                    "val": (rows_of(ds.x_train, train, va), ds.y_train[va]),
+                    "test": (rows_of(ds.x_test, test), ds.y_test)},
+                   device, memory_budget(cfg.memory_budget_mb if cfg else 0, device),
+                   None if quiet or not distributed.info().is_main else print)
+    return Splits(placed["train"], placed["val"], placed["test"], norm)
 
 
 def split_warnings(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, cfg: DataConfig) -> list[str]:

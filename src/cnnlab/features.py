@@ -1,31 +1,42 @@
-"""Frozen-backbone features, computed once and cached on disk.
+"""Frozen-backbone features, computed once and cached on disk, memory-mapped.
 
 The practice ran ResNet50 over every image for each experiment. Here the pooled features of a
 (backbone, weights, data, image size, preprocessing) combination are computed once and stored under
-the cache folder; every later run with the same combination loads them in a fraction of a second,
-and the head then trains on (N, D) vectors in seconds. Each view (the image, its mirror) is cached on its
-own: a run that averages both shares the image's features with the runs that use only those.
+the cache folder as `<key>.npy` (float32 (N, D)) with `<key>.json` (what they are the features of); every
+later run with the same combination maps the file in a fraction of a second, and the head then trains on
+(N, D) vectors in seconds. Extraction reads the images batch by batch from their file, on a background
+thread (cnnlab.data.stream), and writes the features as they come, so neither the images nor the features
+are ever held whole in memory; a feature cache larger than the memory budget is streamed like images.
+Each view (the image, its mirror) is cached on its own: a run that averages both shares the image's
+features with the runs that use only those.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cnnlab.preprocess import Normalizer, center_crop
 from cnnlab.data.images import cache_dir
+from cnnlab.data.stream import Rows, RowFile, Streamed, rows_of
 from cnnlab.device import autocast
 from cnnlab.models.backbones import mean_of_views
-from cnnlab.runs import save_checkpoint
+from cnnlab.preprocess import Normalizer, center_crop
 
 
-def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor, file: RowFile | None = None) -> str:
+    """Identifies the images: their bytes, or for a memory-mapped cache its file (never read whole)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(tuple(x.shape)).encode())
-    h.update(x.contiguous().numpy().tobytes() if x.device.type == "cpu" else x.cpu().numpy().tobytes())
+    if file is not None:
+        h.update(file.fingerprint().encode())
+    else:
+        h.update(x.contiguous().numpy().tobytes() if x.device.type == "cpu" else x.cpu().numpy().tobytes())
     h.update(y.numpy().tobytes())
     return h.hexdigest()
 
@@ -46,52 +57,124 @@ def feature_key(identity: dict) -> str:
 @torch.no_grad()
 def extract(backbone: nn.Module, x: torch.Tensor, norm: Normalizer, size: int, crop: float, device: torch.device,
             bf16: bool, batch_size: int = 64, desc: str = "features", quiet: bool = False,
-            mirror: bool = False) -> torch.Tensor:
+            mirror: bool = False, file: RowFile | None = None, out: Path | None = None) -> torch.Tensor:
     """Pooled features of uint8 images: normalize, center view at `size` (mirrored: flipped left-right after
-    the crop, as TransferNet flips its input), forward; float32 (N, D) on CPU."""
+    the crop, as TransferNet flips its input), forward; float32 (N, D) on CPU. The images are read from
+    `file` when given (streamed); with `out` the features go into that .npy file as they come, and the
+    result is the file memory-mapped."""
     backbone.eval().to(device, memory_format=torch.channels_last)
-    out = []
+    images = Streamed(rows_of(x, file), torch.zeros(len(x), dtype=torch.long, device=device), device)
+    slices = [slice(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
+    parts, writer = [], None
     with tqdm(total=len(x), unit="img", desc=desc, disable=quiet, dynamic_ncols=True) as bar:
-        for i in range(0, len(x), batch_size):
-            xb = norm(x[i:i + batch_size].to(device))
+        for xb, _ in images.batches(None, slices):
+            xb = norm(xb)
             if xb.shape[-1] != size:
                 xb = center_crop(xb, crop, size)
             if mirror:
                 xb = xb.flip(-1)
             with autocast(device, bf16):
-                f = backbone(xb.contiguous(memory_format=torch.channels_last)).flatten(1)
-            out.append(f.float().cpu())
+                f = backbone(xb.contiguous(memory_format=torch.channels_last)).flatten(1).float().cpu()
+            if out is None:
+                parts.append(f)
+            else:
+                writer = writer or NpyWriter(out, (len(x), f.shape[1]))
+                writer.write(f.numpy())
             bar.update(len(xb))
-    return torch.cat(out)
+    if out is None:
+        return torch.cat(parts)
+    (writer or NpyWriter(out, (0, 0))).close()
+    return torch.from_numpy(np.load(out, mmap_mode="c"))
+
+
+class NpyWriter:
+    """A float32 (N, D) .npy file written row block by row block, made visible at `path` only when complete."""
+
+    def __init__(self, path: Path, shape: tuple):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.f = open(self.tmp, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                     "fortran_order": False, "shape": tuple(shape)})
+
+    def write(self, block: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
 
 
 def cached_features(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
                     size: int, crop: float, device: torch.device, bf16: bool, split: str,
-                    quiet: bool = False, flip_average: bool = False) -> tuple[torch.Tensor, bool]:
-    """Features of one split, from the cache when present; with flip_average the mean of the image's and its
-    mirror's (what TransferNet(flip_average=True) computes). Returns (features, all loaded from cache)."""
-    views = [cached_view(backbone, identity, x, y, norm, size, crop, device, bf16, split, quiet, mirror)
-             for mirror in ((False, True) if flip_average else (False,))]
-    return mean_of_views([f for f, _ in views]), all(hit for _, hit in views)
+                    quiet: bool = False, flip_average: bool = False,
+                    file: RowFile | None = None) -> tuple[torch.Tensor, bool]:
+    """Features of one split, from the cache when present (a memory-mapped tensor); with flip_average the
+    mean of the image's and its mirror's (what TransferNet(flip_average=True) computes), cached as well.
+    `file`: the images' file, when they are memory-mapped. Returns (features, all loaded from cache)."""
+    feats, hit = feature_array(backbone, identity, x, y, norm, size, crop, device, bf16, split, quiet,
+                               flip_average, file)
+    return torch.from_numpy(feats), hit
 
 
-def cached_view(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-                size: int, crop: float, device: torch.device, bf16: bool, split: str, quiet: bool,
-                mirror: bool) -> tuple[torch.Tensor, bool]:
-    """One view's features, from the cache when present. Returns (features, loaded_from_cache)."""
-    ident = {**identity, "split": split, "data": data_fingerprint(x, y), "size": size, "crop": crop,
+def feature_array(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
+                  size: int, crop: float, device: torch.device, bf16: bool, split: str, quiet: bool = False,
+                  flip_average: bool = False, file: RowFile | None = None) -> tuple[np.memmap, bool]:
+    """cached_features as the memory-mapped array itself (RowFile.of(it) streams it)."""
+    ident = {**identity, "split": split, "data": data_fingerprint(x, y, file), "size": size, "crop": crop,
              "norm": norm.state_dict(), "bf16": bf16}
-    if mirror:      # only then: the image's own key stays what it was, and so do existing caches
-        ident["view"] = "mirror"
-    path = cache_dir() / "features" / f"{feature_key(ident)}.pt"
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob["identity"] == json.loads(json.dumps(ident)):
-                return blob["features"], True
-        except (OSError, RuntimeError, KeyError):
-            pass  # unreadable cache file: recompute
-    feats = extract(backbone, x, norm, size, crop, device, bf16, desc=f"features {split}{' mirrored' * mirror}",
-                    quiet=quiet, mirror=mirror)
-    save_checkpoint(path, {"identity": ident, "features": feats})
-    return feats, False
+    views = []
+    for mirror in ((False, True) if flip_average else (False,)):
+        # the image's own key has no "view": caches made before views existed stay valid
+        view = {**ident, "view": "mirror"} if mirror else ident
+        feats = load_cached(view, len(x))
+        views.append((feats, feats is not None))
+        if feats is None:
+            extract(backbone, x, norm, size, crop, device, bf16, desc=f"features {split}{' mirrored' * mirror}",
+                    quiet=quiet, mirror=mirror, file=file, out=feature_path(view))
+            write_identity(view)
+            views[-1] = (load_cached(view, len(x)), False)
+    hit = all(h for _, h in views)
+    if not flip_average:
+        return views[0][0], hit
+    mean = {**ident, "view": "flip_average"}
+    feats = load_cached(mean, len(x))
+    if feats is None:
+        average(views[0][0], views[1][0], feature_path(mean))
+        write_identity(mean)
+        feats = load_cached(mean, len(x))
+    return feats, hit
+
+
+def average(a: np.memmap, b: np.memmap, path: Path, chunk: int = 8192) -> None:
+    """mean_of_views of two cached views, a block of rows at a time, into its own cache file."""
+    ra, rb = Rows(RowFile.of(a)), Rows(RowFile.of(b))
+    writer = NpyWriter(path, a.shape)
+    for i in range(0, len(a), chunk):
+        writer.write(mean_of_views([ra[i:i + chunk], rb[i:i + chunk]]).numpy())
+    writer.close()
+
+
+def feature_path(ident: dict) -> Path:
+    return cache_dir() / "features" / f"{feature_key(ident)}.npy"
+
+
+def load_cached(ident: dict, n: int) -> np.memmap | None:
+    """The cached features (memory-mapped, copy-on-write) when the file is there and is what `ident` describes."""
+    path = feature_path(ident)
+    try:
+        if json.loads(path.with_suffix(".json").read_text()) == json.loads(json.dumps(ident)):
+            feats = np.load(path, mmap_mode="c")
+            if feats.ndim == 2 and len(feats) == n and feats.dtype == np.float32:
+                return feats
+    except (OSError, ValueError):
+        pass  # absent or unreadable: compute it
+    return None
+
+
+def write_identity(ident: dict) -> None:
+    """Written after the features: a .json beside a .npy says the .npy is complete."""
+    from cnnlab.runs import write_json
+    write_json(feature_path(ident).with_suffix(".json"), ident)

@@ -26,13 +26,18 @@ class Normalizer:
 
     @classmethod
     def fit(cls, x_uint8: torch.Tensor, chunk: int = 4096) -> "Normalizer":
-        """Per-channel mean and std of x/255 over all pixels (float64 sums, chunked to bound memory)."""
+        """Per-channel mean and std of x/255 over all pixels (float64 sums, chunked to bound memory).
+        x may be streamed (cnnlab.data.stream.Rows, read by slices); under torchrun each process reads
+        every world-th chunk and the sums are added up across processes."""
+        from cnnlab import distributed
+        rank, world = distributed.info().rank, distributed.info().world
         s = torch.zeros(3, dtype=torch.float64)
         s2 = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, len(x_uint8), chunk):
+        for i in range(rank * chunk, len(x_uint8), world * chunk):
             b = x_uint8[i:i + chunk].to(torch.float64) / 255.0
             s += b.sum(dim=(0, 2, 3)).cpu()
             s2 += (b * b).sum(dim=(0, 2, 3)).cpu()
+        distributed.all_reduce_sum(s, s2)
         n = len(x_uint8) * x_uint8.shape[2] * x_uint8.shape[3]
         mean = s / n
         std = (s2 / n - mean * mean).clamp_min(0).sqrt()

@@ -17,8 +17,9 @@ busy (the machine's busy time in /proc/stat minus ours, over 80 ms) and sets tor
 count to the free cores: at least 1, at most the count the process had (torch's default, the user's
 `torch.set_num_threads`, or the per-rank share under torchrun). `on_epoch_end(model, seconds)` measures
 the other processes' CPU use over the epoch just run (busy time in /proc/stat minus this process's own
-CPU time) and sets the count for the next epoch, so a load that comes or goes during training is
-followed within one epoch. Only CPU training is touched; `OMP_NUM_THREADS` in the environment pins the
+CPU time) and sets the count for the next epoch; `on_step()`, called by the training loop after every step
+(a clock read), does the same every CHECK_EVERY_S seconds, so a load that comes or goes in the middle of a
+long epoch is followed within seconds. Only CPU training is touched; `OMP_NUM_THREADS` in the environment pins the
 count (nothing here changes it). On an idle machine nothing changes at all.
 
 Numerics. The thread count changes only the order of float summations (oneDNN splits the batch among

@@ -1,12 +1,14 @@
 """Data sources: each returns uint8 images (N, 3, H, W) with int64 labels and class names.
 
 `load_dataset(cfg.data)` picks the source, applies the class selection and per-class caps, and returns
-a `Dataset`; `split_train_val` holds out the validation part. Everything after this point works on
-whole uint8 tensors that live on the training device.
+a `Dataset`; `split_train_val` holds out the validation part. Image sources (folders, CUB) return their
+decoded-image cache memory-mapped (`store`): a tensor over the file, read only where it is indexed.
+`cnnlab.data.stream` then puts each split on the training device when it fits the memory budget, and
+streams it from that file in batches when it does not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,6 +26,8 @@ class Dataset:
     y_test: torch.Tensor
     classes: list[str]
     name: str = ""
+    # "x_train" / "x_test" -> the file (a RowFile) a memory-mapped x_train / x_test is read from; none in memory
+    files: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -51,12 +55,20 @@ def load_dataset(cfg: DataConfig, quiet: bool = False) -> Dataset:
     from cnnlab.data import cifar, cub, imagefolder, synthetic  # noqa: F401  (register the sources)
     if cfg.source not in SOURCES:
         raise DataError(f"[data] source = {cfg.source!r} is not a data source; choose one of {', '.join(sorted(SOURCES))}")
+    from cnnlab.data.stream import RowFile
     xtr, ytr, xte, yte, names = SOURCES[cfg.source](cfg, quiet=quiet)
     keep = resolve_classes(cfg.classes, names, cfg.source)
-    xtr, ytr = select(xtr, ytr, keep, cfg.max_train_per_class)
-    xte, yte = select(xte, yte, keep, cfg.max_test_per_class)
+    files = {}
+    for split, x, y, cap in (("train", xtr, ytr, cfg.max_train_per_class), ("test", xte, yte, cfg.max_test_per_class)):
+        xs, ys = select(x, y, keep, cap)
+        if xs is x and isinstance(x, np.memmap) and x.ndim == 4 and x.shape[1] == 3:
+            files[f"x_{split}"] = RowFile.of(x)       # still the whole file: batches can be read from it
+        if split == "train":
+            xtr, ytr = xs, ys
+        else:
+            xte, yte = xs, ys
     return Dataset(to_nchw(xtr), torch.from_numpy(ytr), to_nchw(xte), torch.from_numpy(yte),
-                   [names[k] for k in keep], cfg.source)
+                   [names[k] for k in keep], cfg.source, files)
 
 
 def resolve_classes(spec: int | list, names: list[str], source: str) -> list[int]:
@@ -98,15 +110,17 @@ def first_per_class(labels: np.ndarray, keep, cap: int) -> np.ndarray:
 
 
 def select(x: np.ndarray, y: np.ndarray, keep: list[int], cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the listed classes (relabelled 0..k-1) and at most `cap` images of each, in record order."""
+    """Keep the listed classes (relabelled 0..k-1) and at most `cap` images of each, in record order.
+    When every image is kept, `x` itself comes back (a memory-mapped cache is not copied)."""
     y = np.asarray(y, dtype=np.int64)
     remap = np.full(max(int(y.max(initial=0)), max(keep)) + 1, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     mask = first_per_class(y, keep, cap)
-    return x[mask], remap[y[mask]]
+    return (x if mask.all() else x[mask]), remap[y[mask]]
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC or NCHW -> an NCHW tensor; a contiguous NCHW array (a memmap too) is wrapped, not copied."""
     t = torch.from_numpy(np.ascontiguousarray(x))
     if t.ndim == 4 and t.shape[-1] == 3 and t.shape[1] != 3:
         t = t.permute(0, 3, 1, 2)

@@ -19,11 +19,11 @@ Records keep the official list order (sorted by class); labels are the class's p
 Class names are shown without the numeric prefix: `001.Black_footed_Albatross` -> `Black_footed_Albatross`
 (these are the names `[data] classes` accepts; indices work too).
 
-Images are decoded once by `decode_cached` to `image_size` x `image_size` (default 256 when image_size = 0:
-shorter side resized to 256, then center-cropped), converted to RGB (grayscale and CMYK JPEGs exist in
-CUB). Models that see 224 crop it from the 256 image (random-resized crop in training, center crop
-`eval_crop` at evaluation). The uint8 cache is keyed on the files (path, size, mtime) and the size, so
-later runs never decode a JPEG and any change to the files or the size makes a fresh cache. Only the
+Images are decoded once by `store.cached_images` to `image_size` x `image_size` (default 256 when
+image_size = 0: shorter side resized to 256, then center-cropped), converted to RGB (grayscale and CMYK
+JPEGs exist in CUB). Models that see 224 crop it from the 256 image (random-resized crop in training, center
+crop `eval_crop` at evaluation). The uint8 cache is one memory-mapped file per image list and size, so later
+runs never decode a JPEG; a changed file re-decodes its own row, another size makes another file. Only the
 selected classes (and the first `max_*_per_class` of each) are decoded. An unreadable image is a
 DataError naming it, or is skipped with a warning when `[data] skip_corrupt = true`.
 """
@@ -38,7 +38,7 @@ import numpy as np
 from cnnlab.config import DataConfig
 from cnnlab.data import register_source
 from cnnlab.data.download import check_md5, download, extract, missing_error, resolve_data_dir
-from cnnlab.data.images import decode_cached
+from cnnlab.data.store import cached_images
 from cnnlab.errors import DataError, DataMissing
 
 DEFAULT_SIZE = 256     # image_size = 0: decode to 256x256; ImageNet backbones crop 224 from it
@@ -219,7 +219,7 @@ def build(records_train: list, records_test: list, folders: list[str], cfg: Data
             raise DataError(f"{title}: none of the {split} images of the selected classes exist under {folder}")
         paths = [p for p, _ in chosen]
         labels = np.asarray([y for _, y in chosen], dtype=np.int64)
-        x, kept = decode_cached(paths, size, cfg.skip_corrupt, f"{cfg.source} {split}", quiet)
+        x, kept = cached_images(paths, size, cfg.skip_corrupt, f"{cfg.source} {split}", quiet)
         out += [x, labels[kept]]
     return out[0], out[1], out[2], out[3], names
 

@@ -1,4 +1,4 @@
-"""A user's own images: root/{train,test}/<class>/<image>, decoded once into the uint8 cache."""
+"""A user's own images: root/{train,test}/<class>/<image>, decoded once into the memory-mapped uint8 cache."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,8 @@ import numpy as np
 
 from cnnlab.config import DataConfig
 from cnnlab.data import register_source
-from cnnlab.data.images import decode_cached, list_images
+from cnnlab.data.images import list_images
+from cnnlab.data.store import cached_images
 from cnnlab.errors import DataError, DataMissing
 
 
@@ -43,6 +44,6 @@ def imagefolder(cfg: DataConfig, quiet: bool = False):
         paths, labels = _scan(root / split, classes, cap, keep)
         if not paths:
             raise DataError(f"imagefolder: no images found under {root / split}")
-        x, kept = decode_cached(paths, cfg.image_size, cfg.skip_corrupt, f"imagefolder {root / split}", quiet)
+        x, kept = cached_images(paths, cfg.image_size, cfg.skip_corrupt, f"imagefolder {root / split}", quiet)
         out += [x, labels[kept]]
     return out[0], out[1], out[2], out[3], classes

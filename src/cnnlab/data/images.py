@@ -1,15 +1,11 @@
-"""Decoding image files once into a uint8 cache, so training never touches a JPEG.
+"""How an image file becomes a stored sample: RGB, shorter side resized to S, centre-cropped to S x S.
 
-`decode_cached(paths, size, ...)` returns an (N, 3, S, S) uint8 array: each image converted to RGB
-(grayscale, CMYK, palette all become RGB), resized so its shorter side is S and center-cropped to SxS
-(or kept as is when size is 0 and all images share one size). The result is stored as .npy in the cache
-folder under a key made of the file list, sizes, modification times and S: any change to the source or
-the size makes a new key, so a stale cache is never read.
+`pil_to_array` is the one definition (data sets and `cnnlab.predict` both use it); `read_image` is the unit
+of the decoded-image cache (`cnnlab.data.store`, which decodes each image of a data set once), and
+`decode` decodes a short list of files into one array.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +18,7 @@ from tqdm.auto import tqdm
 from cnnlab.errors import DataError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CACHE_VERSION = 1
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)     # what a bad image file raises
 
 
 def cache_dir() -> Path:
@@ -51,16 +47,20 @@ def _load_one(path: Path, size: int) -> np.ndarray:
         return pil_to_array(im, size)
 
 
-def decode(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: bool = False):
-    """Decode images in parallel threads (PIL releases the GIL while decoding). Returns (array, kept mask)."""
-    def job(p):
-        try:
-            return _load_one(p, size)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            return e
+def read_image(path: Path, size: int) -> np.ndarray | Exception:
+    """One file -> uint8 (3, S, S), or the exception that says why it cannot be read."""
+    try:
+        return _load_one(path, size)
+    except UNREADABLE as e:
+        return e
 
+
+def decode(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: bool = False):
+    """Decode a list of images in parallel threads (PIL releases the GIL while decoding) into one array.
+    Returns (array of the readable ones, kept mask)."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as ex:
-        out = list(tqdm(ex.map(job, paths), total=len(paths), desc=f"decode {what}", disable=quiet, unit="img"))
+        out = list(tqdm(ex.map(lambda p: read_image(p, size), paths), total=len(paths), desc=f"decode {what}",
+                        disable=quiet, unit="img"))
     keep = np.array([not isinstance(o, Exception) for o in out], dtype=bool)
     for p, o in zip(paths, out):
         if isinstance(o, Exception):
@@ -76,35 +76,6 @@ def decode(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: b
         raise DataError(f"{what}: images have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}...); "
                         f"set [data] image_size to resize them to one size")
     return np.stack(imgs), keep
-
-
-def cache_key(paths: list[Path], size: int, extra: str = "") -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{extra}".encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
-
-
-def decode_cached(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: bool = False):
-    """decode() with an on-disk cache. Returns (images uint8 NCHW, kept mask over paths)."""
-    key = cache_key(paths, size, f"{what}|{skip_corrupt}")
-    folder = cache_dir() / "images"
-    arr_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if arr_path.is_file() and meta_path.is_file():
-        try:
-            keep = np.array(json.loads(meta_path.read_text())["keep"], dtype=bool)
-            return np.load(arr_path, mmap_mode="r"), keep
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: rebuild it
-    arr, keep = decode(paths, size, skip_corrupt, what, quiet)
-    folder.mkdir(parents=True, exist_ok=True)
-    from cnnlab.runs import atomic_write  # local import: runs imports nothing from data
-    with atomic_write(arr_path, "wb") as f:
-        np.save(f, arr)
-    with atomic_write(meta_path, "w") as f:
-        json.dump({"what": what, "size": size, "n": len(paths), "keep": keep.tolist()}, f)
-    return arr, keep
 
 
 def list_images(folder: Path) -> list[Path]:

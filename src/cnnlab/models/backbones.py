@@ -51,6 +51,7 @@ class TransferNet(nn.Module):
         self.num_features = num_features
         self.flip_average = flip_average
         self.head = make_head(num_features, num_classes, hidden, standardize)
+        self.bn_frozen = False        # [train] freeze_bn_stats: the backbone's BatchNorm layers stay in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.flip_average:
@@ -67,6 +68,12 @@ class TransferNet(nn.Module):
         # A frozen backbone stays in eval mode: its BatchNorm statistics must not drift.
         if mode and not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
+        elif mode and self.bn_frozen:
+            # Fine-tuning with the pretrained statistics: the backbone computes exactly the features its frozen
+            # (eval-mode) forward gives, the ones a linear probe trained the head on; scale and shift still train.
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def reset_classifier(self, num_classes: int, hidden: list[int] | None = None) -> None:
@@ -93,10 +100,17 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(num_features))
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
-        x = x.double()
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))   # a constant feature (dead unit) stays 0, not 0/0
+    def fit(self, x: torch.Tensor, chunk: int = 65536) -> None:
+        """x: (N, D) features on the device, or streamed ones (cnnlab.data.stream.Rows, read by slices)."""
+        if isinstance(x, torch.Tensor):
+            x = x.double()
+            mean, std = x.mean(0), x.std(0)
+        else:                       # two passes over the blocks: the same statistics, in float64
+            blocks = lambda: (x[i:i + chunk].double() for i in range(0, len(x), chunk))  # noqa: E731
+            mean = sum(b.sum(0) for b in blocks()) / len(x)
+            std = (sum(((b - mean) ** 2).sum(0) for b in blocks()) / max(1, len(x) - 1)).sqrt()
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-6))   # a constant feature (dead unit) stays 0, not 0/0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
