@@ -50,18 +50,17 @@ class RowFile:
     def read(self, rows: np.ndarray, out: np.ndarray) -> None:
         """out[j] = row rows[j]. Reads go in ascending row order, a run of consecutive rows in one preadv
         that scatters them to their places in `out`."""
-        if len(rows) == 0:
-            return
-        rb = self.row_bytes
-        dest = memoryview(out.reshape(len(rows), -1).view(np.uint8)).cast("B")
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        breaks = np.flatnonzero(np.diff(srt) != 1) + 1
-        for run in np.split(np.arange(len(srt)), breaks):
-            for k in range(0, len(run), IOV_MAX):
-                part = run[k:k + IOV_MAX]
-                bufs = [dest[int(j) * rb:(int(j) + 1) * rb] for j in order[part]]
-                _preadv_all(self._fd, bufs, self.offset + int(srt[part[0]]) * rb)
+        rb, fd, n = self.row_bytes, self._fd, len(rows)
+        dest = memoryview(out.reshape(n, -1).view(np.uint8)).cast("B") if n else None
+        rows = rows.tolist()                            # Python ints: this loop runs once per row
+        order = sorted(range(n), key=rows.__getitem__)
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and j - i < IOV_MAX and rows[order[j]] == rows[order[j - 1]] + 1:
+                j += 1
+            _preadv_all(fd, [dest[k * rb:(k + 1) * rb] for k in order[i:j]], self.offset + rows[order[i]] * rb)
+            i = j
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
