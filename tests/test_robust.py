@@ -246,3 +246,54 @@ def test_compare_test_paired_and_welch():
     name, _ = compare_test(a, {5: 0.6, 6: 0.61})
     assert name.startswith("Welch")
     assert compare_test({0: 0.5}, b) is None
+
+
+def test_suite_jobs_runs_rows_side_by_side_with_the_results_of_one_at_a_time(tmp_path):
+    d = _suite(tmp_path)
+    outs = {}
+    for jobs in ("1", "2"):
+        runs = tmp_path / f"runs{jobs}"
+        proc = run_cli(["suite", d, "--runs-dir", runs, "--jobs", jobs, "-q"], tmp_path / "home")
+        assert proc.returncode == 1, proc.stderr                      # boom diverges, c has no data
+        folder = next(runs.iterdir())
+        outs[jobs] = {p.parent.name: (json.loads(p.read_text())["status"], _numbers(p.parent))
+                      for p in folder.rglob("results.json")}
+        assert (folder / "report.md").is_file()
+    assert "2 at a time" in proc.stdout and "[4/4]" in proc.stdout
+    assert {k: v[0] for k, v in outs["2"].items()} == {"01-a": "ok", "02-boom": "diverged", "03-c": "failed", "04-d": "ok"}
+    assert outs["2"] == outs["1"]          # one thread per row either way (OMP_NUM_THREADS=1): same numbers
+
+
+def killed_model(num_classes: int = 10):
+    """A model whose construction kills its own process, as the out-of-memory killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_suite_jobs_records_a_row_whose_process_died_and_runs_the_others(tmp_path):
+    d = tmp_path / "suite"
+    d.mkdir()
+    (d / "01_a.toml").write_text(synthetic_row("a", 0.001, 1))
+    (d / "02_killed.toml").write_text(synthetic_row("killed", 0.001, 1).replace('"basenet"', '"test_robust:killed_model"'))
+    (d / "03_c.toml").write_text(synthetic_row("c", 0.001, 1))
+    proc = run_cli(["suite", d, "--runs-dir", tmp_path / "runs", "--jobs", "2", "-q"], tmp_path / "home",
+                   PYTHONPATH=str(ROOT / "tests"))
+    assert proc.returncode == 1, proc.stderr
+    folder = next((tmp_path / "runs").iterdir())
+    status = {p.parent.name: json.loads(p.read_text()) for p in folder.rglob("results.json")}
+    assert {k: r["status"] for k, r in status.items()} == {"01-a": "ok", "02-killed": "failed", "03-c": "ok"}
+    assert "ended abruptly (exit code -9)" in status["02-killed"]["reason"]
+    assert "killed" in (folder / "report.md").read_text()
+
+
+def test_suite_jobs_must_be_positive(tmp_path):
+    proc = run_cli(["suite", _suite(tmp_path), "--runs-dir", tmp_path / "runs", "--jobs", "0"], tmp_path / "home")
+    assert proc.returncode == 2 and "--jobs 0" in proc.stderr
+
+
+def _numbers(run: Path) -> list:
+    """A row's history and test metrics, without its timings."""
+    if not (run / "history.json").is_file():
+        return []
+    r = json.loads((run / "results.json").read_text())
+    return ([{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((run / "history.json").read_text())]
+            + [r["test_accuracy"], r["test_loss"]])

@@ -144,3 +144,29 @@ def test_export_cli_round_trips(trained, tmp_path, fmt):
 def test_load_of_a_folder_that_is_not_a_run(tmp_path):
     proc = run_cli(["predict", tmp_path, tmp_path], tmp_path / "home")
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_test_flip_scores_the_mean_of_each_image_and_its_mirror_and_leaves_training_alone(tmp_path):
+    base = {"data": SYN, "model": {"name": "basenet"}, "train": {**TRAIN, "normalize": "featurewise"}}
+    plain = run_experiment(from_dict({"name": "plain", **base}), tmp_path / "runs", progress="none")
+    flip = run_experiment(from_dict({"name": "flip", **base, "augment": {"test_flip": True}}), tmp_path / "runs",
+                          progress="none")
+    h0, h1 = (json.loads((o.path / "history.json").read_text()) for o in (plain, flip))
+    assert [(h["loss"], h["accuracy"]) for h in h0] == [(h["loss"], h["accuracy"]) for h in h1]   # same training
+    ds = load_dataset(from_dict(base).data)
+    bare, pre, _, _ = load_model(plain.path)
+    with torch.no_grad():
+        x = pre(ds.x_test)
+        mean = (bare(x) + bare(x.flip(-1))) / 2
+        model, _, _, _ = load_model(flip.path)              # the rebuilt model averages both views as well
+        assert torch.equal(model(x), model(x.flip(-1)))     # exactly mirror-invariant
+        torch.testing.assert_close(model(x), mean)
+    acc = (mean.argmax(1) == ds.y_test).float().mean().item()
+    assert flip.results.test_accuracy == pytest.approx(acc, abs=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(mean, bare(x), atol=1e-3)     # the mirror changed the scores: not a no-op
+
+
+def test_test_flip_on_a_frozen_backbone_points_to_flip_average():
+    with pytest.raises(cnnlab.errors.ConfigError, match="flip_average"):
+        from_dict({"name": "f", **KINDS["frozen"], "augment": {"test_flip": True}})

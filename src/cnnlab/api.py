@@ -49,7 +49,7 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
     if weights not in ("best", "last"):
         raise CnnlabError(f"--weights {weights!r}: choose best, last or auto")
     from cnnlab.models.backbones import PreprocessingWarning
-    from cnnlab.models.build import build_model
+    from cnnlab.models.build import build_model, inference_model
     # The architecture only: the trained weights come from the run's own checkpoints (no download), and the
     # inputs from preprocess.json, so a backbone's undeclared mean/std does not matter here.
     with warnings.catch_warnings():
@@ -68,6 +68,7 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
             model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: does not fit model {cfg.model.name!r} ({str(e).splitlines()[0][:200]})") from None
+    model = inference_model(model, cfg.augment.test_flip)     # predictions as the run scored them
     return model.to(device).eval(), pre, list(classes), cfg
 
 

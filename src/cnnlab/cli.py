@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", nargs="?", help="a packaged suite name or a folder of TOML configs")
     p.add_argument("--only", help="comma-separated row names to run")
     p.add_argument("--resume", metavar="SUITE_DIR", help="continue a killed suite: finished rows are skipped")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N rows at a time, each its own process with 1/N of the cores (small nets: faster "
+                        "in total; one line per row instead of progress bars)")
     _common(p)
 
     p = sub.add_parser("report", help="(re)build the Markdown report of a suite or runs folder, without training")
@@ -170,7 +173,7 @@ def cmd_suite(a) -> int:
     only = [s.strip() for s in a.only.split(",")] if a.only else None
     overrides = [o for o in _overrides(a) if o[0] != "seeds"]
     _, failures = run_suite(a.suite, a.runs_dir, overrides, a.data, only, "line" if a.quiet else "bar", sys.argv,
-                            seeds=a.seeds, resume=a.resume)
+                            seeds=a.seeds, resume=a.resume, jobs=a.jobs)
     return 1 if failures else 0
 
 
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": cmd_run, "rerun": cmd_rerun, "suite": cmd_suite, "report": cmd_report, "models": cmd_models,
                 "configs": cmd_configs, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export}[a.cmd](a)
     except RunInterrupted as e:
-        print(f"\ncnnlab: interrupted; the last finished epoch is saved. Resume with: cnnlab run --resume {e.path}",
+        what = "suite" if (Path(e.path) / "suite.json").is_file() else "run"
+        print(f"\ncnnlab: interrupted; the last finished epoch is saved. Resume with: cnnlab {what} --resume {e.path}",
               file=sys.stderr)
         return 130
     except ExportMismatch as e:

@@ -150,6 +150,9 @@ class AugmentConfig:
     random_resized_crop: bool = False  # Inception-style crop (scale rrc_min_scale..1) for large images
     rrc_min_scale: float = 0.08
     eval_crop: float = 0.875          # large images: center crop fraction at evaluation / feature extraction
+    # test-time flip: every evaluation (validation, test, `cnnlab evaluate`, predict, export) averages the logits
+    # of the image and its mirror; training is unchanged. Costs a second forward pass per evaluated image.
+    test_flip: bool = False
 
     def check(self, w: str) -> None:
         _check(0.0 <= self.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {self.zoom}")
@@ -264,6 +267,10 @@ class Config:
         change every step, and each search trial would be a whole training run."""
         keys = [f"[model] {k}" for k in ("flip_average", "standardize_features") if getattr(self.model, k)]
         keys += ["[search]"] if self.search.grid() else []
+        if self.augment.test_flip and self.train.freeze_backbone:
+            raise ConfigError(f"{where}: [augment] test_flip does not apply to frozen-backbone runs, which are "
+                              f"scored on cached features; use [model] flip_average = true (both views' features "
+                              f"averaged, in training and at test time)")
         if keys and not self.train.freeze_backbone:
             raise ConfigError(f"{where}: {' and '.join(keys)} {'needs' if len(keys) == 1 else 'need'} [train] "
                               f"freeze_backbone = true: the frozen-feature recipe works on the backbone's cached "

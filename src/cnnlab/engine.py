@@ -27,6 +27,7 @@ from cnnlab.callbacks import Callback
 from cnnlab.config import TrainConfig
 from cnnlab.data.stream import Batches, Streamed
 from cnnlab.device import autocast, precision_is_measured, use_bf16
+from cnnlab.models.build import inference_model
 from cnnlab.preprocess import Normalizer, center_crop
 
 
@@ -90,6 +91,7 @@ class Trainer:
     augmenter: Augmenter | None = None
     image_size: int | None = None          # network input size when the stored images are larger
     eval_crop: float = 1.0
+    test_flip: bool = False                # evaluation averages the logits of each image and its mirror
 
     def __post_init__(self):
         self.bf16 = use_bf16(self.cfg.precision, self.device)
@@ -104,6 +106,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.phase = ""
         self.net = self.model                  # DDP wrapper under torchrun (see enter_phase)
+        self.scorer = inference_model(self.model, self.test_flip)     # what evaluation calls
         # Separate streams of randomness, all from the one seed: shuffling (CPU), augmentation (device).
         self.shuffle_gen = torch.Generator().manual_seed(self.seed * 1000 + 1)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 2)
@@ -215,13 +218,13 @@ class Trainer:
         """float32 logits (N, K) of a whole split (or of positions `part` of it), on the device, in eval
         mode, batched."""
         self._settle_precision(data)
-        self.model.eval()
+        self.scorer.eval()                     # the model too (the wrapper's mode decides the flip)
         bs = self.eval_batch(data)
         start, stop = (0, len(data)) if part is None else (part.start, part.stop)
         out = []
         for xb, _ in data.batches(None, [slice(i, min(i + bs, stop)) for i in range(start, stop, bs)]):
             with autocast(self.device, self.bf16):
-                out.append(self.model(self._prepare(xb, train=False)).float())
+                out.append(self.scorer(self._prepare(xb, train=False)).float())
         return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
 
     @torch.no_grad()

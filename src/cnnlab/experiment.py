@@ -107,7 +107,8 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
             print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {recorder.path}")
             print(table)
         trainer = Trainer(trained, cfg.train, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
-                          image_size=size if ds.x_train.ndim == 4 else None, eval_crop=cfg.augment.eval_crop)
+                          image_size=size if ds.x_train.ndim == 4 else None, eval_crop=cfg.augment.eval_crop,
+                          test_flip=cfg.augment.test_flip)
         identity = checkpoint_identity(cfg, ds.num_classes)
         if resume:
             restore(trainer, resume, identity, device, cfg)

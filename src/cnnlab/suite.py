@@ -7,10 +7,18 @@ checkpoint) and the report is rebuilt from the folder alone.
 
 A row that fails (bad config, missing data, divergence) is recorded with its reason; the other rows
 still run, the report marks it, and the suite's exit code says that something failed.
+
+`--jobs N` runs N rows at a time, each in its own process with its share of the cores. Why: the
+practice's nets are small, and a small convolution does not keep two cores busy (the OpenMP barrier at
+the end of each op waits for the slower thread); two one-thread rows side by side do more work than one
+two-thread row. Each row's result is what it would be alone, up to float summation order (thread count).
 """
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
 import shutil
 import time
 import traceback
@@ -53,12 +61,18 @@ def load_rows(name: str, overrides: list, data: str | None, only: list[str] | No
 
 def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None = None,
               only: list[str] | None = None, progress: str = "bar", argv: list[str] | None = None,
-              seeds: int | None = None, resume: str | None = None) -> tuple[Path, int]:
+              seeds: int | None = None, resume: str | None = None, jobs: int = 1) -> tuple[Path, int]:
     """Run (or resume) every row of a suite; returns (suite folder, number of rows that did not finish ok).
 
     Under torchrun every rank runs every row together (each its shard of every batch); rank 0 alone
     creates and writes the suite folder, and tells the other ranks where it is."""
-    main = distributed.init_from_env().is_main
+    dist = distributed.init_from_env()
+    if jobs < 1:
+        raise CnnlabError(f"--jobs {jobs}: give the number of rows to run at once, 1 or more")
+    if jobs > 1 and dist.enabled:
+        raise CnnlabError("--jobs runs rows as separate processes; under torchrun every process already runs "
+                          "every row together: drop --jobs, or run without torchrun")
+    main = dist.is_main
     progress = progress if main else "none"
     if resume:
         folder = Path(resume)
@@ -79,12 +93,19 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None
                                                                              for o in overrides],
                                                "data": data, "only": only, "seeds": seeds,
                                                "rows": [c.name for _, c in rows], "compare": compare, "command": argv})
-    failures, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
+    work = []                          # (config of one seed, its file, its row folder), in report order
     for i, (f, cfg) in enumerate(rows, 1):
         for s in range(seeds):
             cfg_s = dataclasses.replace(cfg, seed=cfg.seed + s)
-            path = folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))
-            failures += not _run_row(cfg_s, f, path, progress, cache, argv, main)
+            work.append((cfg_s, f, folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))))
+    try:
+        if jobs > 1:
+            failures = _run_parallel(work, jobs, argv)
+        else:
+            failures = sum(not _run_row(c, f, path, progress, cache, argv, main) for c, f, path in work)
+    except RunInterrupted:
+        raise RunInterrupted(folder) from None          # resume the suite, not the row
     if main:
         report = write_report(folder, title=f"cnnlab suite {name}")
         n = len(rows) * seeds
@@ -136,6 +157,101 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
     except Exception as e:  # noqa: BLE001 - one broken row must not take the suite down
         _record_failure(run, cfg, f"{type(e).__name__}: {e}", traceback.format_exc(), main)
     return False
+
+
+def _run_parallel(work: list, jobs: int, argv) -> int:
+    """The rows of `work`, `jobs` at a time, on `jobs` worker processes with cores // jobs threads each; one
+    line as each row starts and ends (progress bars of parallel rows would overwrite each other). Returns
+    the number of rows that failed.
+
+    A worker runs row after row (torch imported and the data loaded once per worker, not once per row). A
+    worker that dies (killed, out of memory) costs only its row: that row is recorded as failed and a fresh
+    worker takes the next one, where a broken process pool would take every pending row with it."""
+    jobs = min(jobs, len(work))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"suite: {len(work)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each", flush=True)
+    todo, failures, done = list(work), 0, 0
+    workers = [_Worker(threads, argv) for _ in range(jobs)]
+    try:
+        while todo or any(w.item for w in workers):
+            for w in workers:
+                if w.item is None and todo:
+                    w.give(todo.pop(0))
+            busy = [w for w in workers if w.item]
+            ready = multiprocessing.connection.wait([c for w in busy for c in (w.conn, w.proc.sentinel)])
+            for i, w in enumerate(workers):
+                if w.item is None or not (w.conn in ready or w.proc.sentinel in ready):
+                    continue
+                (cfg, _, path), ok = w.item, w.result()
+                if ok is None:                  # the worker died with the row: record it, start a fresh one
+                    _record_failure(RunFolder(path), cfg, f"the row's process ended abruptly (exit code {w.proc.exitcode})")
+                    workers[i] = _Worker(threads, argv)
+                failures += not ok
+                done += 1
+                print(f"== {cfg.name} (seed {cfg.seed}): {_outcome(path) if ok else 'FAILED'}  [{done}/{len(work)}]",
+                      flush=True)
+    except KeyboardInterrupt:
+        for w in workers:                       # Ctrl-C reached them too: let them save their epoch and exit
+            w.proc.join(timeout=30)
+        raise RunInterrupted(work[0][2].parent.parent) from None
+    for w in workers:
+        w.stop()
+    return failures
+
+
+class _Worker:
+    """One worker process and the pipe its rows go through; `item` is the row it is running, if any."""
+
+    def __init__(self, threads: int, argv):
+        ctx = multiprocessing.get_context("spawn")   # not fork: a forked copy of torch's thread pools can deadlock
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, threads, argv), daemon=True, name="cnnlab-row")
+        self.proc.start()
+        child.close()
+        self.item = None
+
+    def give(self, item) -> None:
+        cfg = item[0]
+        self.item = item
+        self.conn.send(item)
+        print(f"== {cfg.name} (seed {cfg.seed}): started", flush=True)
+
+    def result(self) -> bool | None:
+        """The finished row's outcome (True ok, False failed and recorded), or None when the process died."""
+        try:
+            ok = self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):
+            ok = None
+        if ok is None:
+            self.proc.join()
+        self.item = None
+        return ok
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=30)
+
+
+def _worker_main(conn, threads: int, argv) -> None:
+    import torch
+    # The cap cnnlab.threads works under (it only ever lowers it); a count pinned by OMP_NUM_THREADS stays.
+    torch.set_num_threads(min(threads, torch.get_num_threads()))
+    cache = DataCache()                 # each data set loaded once per worker
+    while (item := conn.recv()) is not None:
+        cfg, source, path = item
+        try:
+            conn.send(_run_row(cfg, source, path, "none", cache, argv, True))
+        except RunInterrupted:
+            return
+
+
+def _outcome(path: Path) -> str:
+    r = RunFolder(path).read_results() or {}
+    acc, sec = r.get("test_accuracy"), r.get("seconds")
+    return (f"test accuracy {acc:.4f}" if acc is not None else "ok") + (f" ({sec:.1f}s)" if sec is not None else "")
 
 
 def _checkpoint_epoch(run: RunFolder) -> int:
