@@ -223,7 +223,8 @@ def test_suite_resume_continues_an_interrupted_row(tmp_path):
 
 def test_rerun_repeats_the_recorded_config(tmp_path):
     cfg = _write(tmp_path, epochs=2)
-    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home").returncode == 0
+    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "--set", "data.synthetic_train=500", "-q"],
+                   tmp_path / "home").returncode == 0
     first = next((tmp_path / "runs").iterdir())
     meta = json.loads((first / "meta.json").read_text())
     for key in ("cnnlab", "torch", "device", "command", "git_commit", "python"):
@@ -250,6 +251,8 @@ def test_compare_test_paired_and_welch():
 
 def test_suite_jobs_runs_rows_side_by_side_with_the_results_of_one_at_a_time(tmp_path):
     d = _suite(tmp_path)
+    (d / "04_d.toml").unlink()                  # a, boom (diverges), c (no data): three outcomes, one training
+    (d / "_suite.toml").unlink()
     outs = {}
     for jobs in ("1", "2"):
         runs = tmp_path / f"runs{jobs}"
@@ -259,8 +262,9 @@ def test_suite_jobs_runs_rows_side_by_side_with_the_results_of_one_at_a_time(tmp
         outs[jobs] = {p.parent.name: (json.loads(p.read_text())["status"], _numbers(p.parent))
                       for p in folder.rglob("results.json")}
         assert (folder / "report.md").is_file()
-    assert "2 at a time" in proc.stdout and "[4/4]" in proc.stdout
-    assert {k: v[0] for k, v in outs["2"].items()} == {"01-a": "ok", "02-boom": "diverged", "03-c": "failed", "04-d": "ok"}
+    assert "2 at a time" in proc.stdout and "[3/3]" in proc.stdout
+    assert {k: v[0] for k, v in outs["2"].items()} == {"01-a": "ok", "02-boom": "diverged", "03-c": "failed"}
+    assert len(outs["2"]["01-a"][1]) == 4       # two epochs of history, test accuracy and loss
     assert outs["2"] == outs["1"]          # one thread per row either way (OMP_NUM_THREADS=1): same numbers
 
 
@@ -285,9 +289,10 @@ def test_suite_jobs_records_a_row_whose_process_died_and_runs_the_others(tmp_pat
     assert "killed" in (folder / "report.md").read_text()
 
 
-def test_suite_jobs_must_be_positive(tmp_path):
-    proc = run_cli(["suite", _suite(tmp_path), "--runs-dir", tmp_path / "runs", "--jobs", "0"], tmp_path / "home")
-    assert proc.returncode == 2 and "--jobs 0" in proc.stderr
+def test_suite_jobs_must_be_positive(tmp_path, capsys):
+    from cnnlab.cli import main
+    assert main(["suite", str(_suite(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def _numbers(run: Path) -> list:
