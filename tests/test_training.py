@@ -346,3 +346,17 @@ def test_evaluation_batch_counts_32px_images_and_shrinks_for_larger_inputs():
     assert tr.eval_batch(Batches(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))) == 500   # features
     tr.image_size = 224                                   # stored 32 px, network input 224: the input counts
     assert tr.eval_batch(imgs(32)) == 32
+
+
+@pytest.mark.parametrize("exclude_1d", [True, False])
+@pytest.mark.parametrize("wd", [0.0, 5e-4])
+def test_decay_groups_follow_timms_rule(wd, exclude_1d):
+    from timm.optim import param_groups_weight_decay
+    from cnnlab.engine import decay_groups
+    from cnnlab.models import create_model
+    model = create_model("resnet9s", 10, width=4)
+    model[0][0].requires_grad_(False)                      # frozen parameters belong to no group
+    ours = [(g["weight_decay"], [id(p) for p in g["params"]]) for g in decay_groups(model, wd, exclude_1d)]
+    timms = [(g["weight_decay"], [id(p) for p in g["params"]])
+             for g in param_groups_weight_decay(model, wd, weight_decay_exclude_1d=exclude_1d)]
+    assert ours == timms and sum(len(p) for _, p in ours) == sum(p.requires_grad for p in model.parameters())
