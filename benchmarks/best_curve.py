@@ -26,9 +26,8 @@ import torch
 
 import cnnlab
 from cnnlab.api import load_model
-from cnnlab.config import load_config
+from cnnlab.config import load_config, read_toml
 from cnnlab.configs import config_file, data_preset
-from cnnlab.config import read_toml
 from cnnlab.data import load_dataset
 from cnnlab.plots import subplots
 
