@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
-import os
 import shutil
 import time
 import traceback
 from pathlib import Path
 
 from cnnlab import distributed
+from cnnlab.threads import cpu_capacity
 from cnnlab.config import Config, load_config, read_toml
 from cnnlab.configs import data_preset, suite_files
 from cnnlab.errors import CnnlabError, DataMissing, RunInterrupted
@@ -168,7 +168,7 @@ def _run_parallel(work: list, jobs: int, argv) -> int:
     worker that dies (killed, out of memory) costs only its row: that row is recorded as failed and a fresh
     worker takes the next one, where a broken process pool would take every pending row with it."""
     jobs = min(jobs, len(work))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, int(cpu_capacity()) // jobs)     # affinity and cgroup quota, as cnnlab.threads counts
     print(f"suite: {len(work)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each", flush=True)
     todo, failures, done = list(work), 0, 0
     workers = [_Worker(threads, argv) for _ in range(jobs)]
@@ -193,7 +193,7 @@ def _run_parallel(work: list, jobs: int, argv) -> int:
     except KeyboardInterrupt:
         for w in workers:                       # Ctrl-C reached them too: let them save their epoch and exit
             w.proc.join(timeout=30)
-        raise RunInterrupted(work[0][2].parent.parent) from None
+        raise RunInterrupted("") from None        # run_suite names the suite folder
     for w in workers:
         w.stop()
     return failures
