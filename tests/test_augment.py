@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Augmenter, hflip, random_crop, zoom
+from cnnlab.augment import Augmenter, cutout, hflip, random_crop, zoom
 from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, DataConfig
 from cnnlab.data import Dataset, split_train_val
@@ -142,12 +142,31 @@ def test_random_crop_is_a_window_of_the_reflect_padded_image():
     assert torch.equal(out, random_crop(x, pad, gen(1)))
 
 
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_edges():
+    n, size = 200, 4
+    x = torch.rand(n, 3, 10, 10, generator=gen(0)) + 1             # no zeros of its own
+    out = cutout(x, size, gen(1))
+    zero = out == 0
+    assert torch.equal(zero[:, 0], zero[:, 2])                       # the same square in every channel
+    assert torch.equal(out[~zero], x[~zero])                         # everything else untouched
+    areas = set()
+    for i in range(n):
+        rows, cols = zero[i, 0].any(1).nonzero().flatten(), zero[i, 0].any(0).nonzero().flatten()
+        assert len(rows) <= size and len(cols) <= size and len(rows) * len(cols) == zero[i, 0].sum()  # a rectangle
+        assert rows.tolist() == list(range(rows[0], rows[-1] + 1))
+        areas.add(len(rows) * len(cols))
+    assert size * size in areas and min(areas) < size * size        # whole squares, and squares cut by an edge
+    assert torch.equal(out, cutout(x, size, gen(1)))                 # the seed fixes it
+    # A process holding part of the global batch cuts what one process would have cut there.
+    torch.testing.assert_close(cutout(x[50:100], size, gen(1), n_draw=n, part=slice(50, 100)), out[50:100])
+
+
 def test_augmenter_applies_the_config():
     x = _probe_images(8)
     assert not Augmenter(AugmentConfig()).active
     assert torch.equal(Augmenter(AugmentConfig())(x, gen()), x)
     aug = Augmenter(AugmentConfig(hflip=True, zoom=0.2, crop_padding=2))
-    assert aug.active
+    assert aug.active and Augmenter(AugmentConfig(cutout=4)).active
     out = aug(x, gen(0))
     assert out.shape == x.shape and not torch.equal(out, x)
 

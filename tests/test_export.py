@@ -203,3 +203,20 @@ def test_onnxruntime_snippet_runs_and_agrees_with_predictor(tmp_path, monkeypatc
         assert buf.getvalue().strip() == expect
     crop = onnxruntime_snippet("m.onnx", 224, image_size=256, eval_crop=0.875)
     assert "(256, 256)" in crop and ".crop((16, 16, 240, 240))" in crop and ".resize(" not in crop
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_test_time_views_travel_into_the_exported_file(tmp_path, fmt):
+    from cnnlab.models.build import TestTimeAverage
+    model = TestTimeAverage(bn_model(), flip=True, shift=1).eval()
+    path, diff = export_model(model, PRE, CLASSES, fmt, tmp_path / f"model.{fmt}", sample(8))
+    assert 0 <= diff < EXPORT_TOLERANCE
+    x = sample(3, seed=3)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    else:
+        got = torch.jit.load(str(path))(x)
+    torch.testing.assert_close(got, reference(model, x), rtol=0, atol=EXPORT_TOLERANCE)
+    assert not torch.allclose(reference(model, x), reference(model.net, x), atol=1e-4)   # the views count

@@ -9,8 +9,9 @@ from torch import nn
 
 import cnnlab.models as models_mod
 from cnnlab.errors import ConfigError
-from cnnlab.models import count_params, create_model, describe, is_registered, list_models, register_model, summary
-from cnnlab.models.cifar import keras_param_count
+from cnnlab.models import (count_params, create_model, describe, init_from_data, is_registered, list_models,
+                           register_model, summary)
+from cnnlab.models.cifar import PatchWhitening, keras_param_count
 
 KERAS_COUNTS = {                      # model.summary() totals of the practice's Keras models, 25 classes
     "basenet": 24_197,
@@ -146,3 +147,41 @@ def test_summary_of_batchnorm_model():
     assert _total(text) == keras_param_count(model) == 113_769
     assert "Trainable params: 113,281" in text and "Non-trainable params: 488" in text
     assert count_params(model) == 113_281
+
+
+def _correlated_images(n: int = 48, size: int = 12) -> torch.Tensor:
+    """Images whose channels and neighbouring pixels are strongly correlated, as real ones are."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size + 1, size + 1, generator=g)
+    x = x[..., 1:, 1:] + x[..., :-1, :-1]                 # neighbours share a term
+    return x + 2 * x[:, :1]                                 # channels share the first one
+
+
+def test_patch_whitening_decorrelates_the_training_patches_and_trains_only_its_bias():
+    x = _correlated_images()
+    layer = PatchWhitening(3)
+    before = layer.weight.clone()
+    layer.init_from_data(x)
+    out = nn.functional.conv2d(x, layer.weight)             # no bias: the second moment of the patches
+    first = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    raw = nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)
+    assert (raw.T @ raw / len(raw) - torch.eye(12)).abs().max() > 1.0          # the input is far from white
+    torch.testing.assert_close(first.T @ first / len(first), torch.eye(12), atol=0.01, rtol=0)
+    assert torch.equal(layer.weight[12:], -layer.weight[:12])                    # both signs survive the GELU
+    assert not torch.equal(layer.weight, before)
+    assert not layer.weight.requires_grad and layer.bias.requires_grad
+
+
+def test_airnet_shapes_any_image_size_and_checks_its_widths():
+    torch.manual_seed(0)
+    model = create_model("airnet", 7, widths=[8, 16, 24]).eval()
+    assert isinstance(model[0], PatchWhitening) and model[-1].in_features == 24
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    assert init_from_data(model, _correlated_images()) is True
+    assert init_from_data(create_model("resnet9s", 7, width=4), _correlated_images()) is False   # nothing to set
+    plain = create_model("airnet", 7, widths=[8], whiten=False)
+    assert not isinstance(plain[0], PatchWhitening) and plain[0].weight.requires_grad
+    with pytest.raises(ConfigError, match="widths"):
+        create_model("airnet", 7, widths=[8, 0])

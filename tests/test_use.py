@@ -170,3 +170,62 @@ def test_test_flip_scores_the_mean_of_each_image_and_its_mirror_and_leaves_train
 def test_test_flip_on_a_frozen_backbone_points_to_flip_average():
     with pytest.raises(cnnlab.errors.ConfigError, match="flip_average"):
         from_dict({"name": "f", **KINDS["frozen"], "augment": {"test_flip": True}})
+
+
+def _reflect_shift(x: torch.Tensor, s: int) -> torch.Tensor:
+    """The image moved by s pixels down and right (s > 0) or up and left, borders mirrored: by index, not
+    by padding, as an independent check of TestTimeAverage's views."""
+    n = x.shape[-1]
+    idx = torch.tensor([abs(i - s) if i - s < n else 2 * (n - 1) - (i - s) for i in range(n)])
+    return x[..., idx, :][..., idx]
+
+
+def test_test_shift_also_averages_the_diagonally_shifted_views(tmp_path):
+    base = {"data": SYN, "model": {"name": "basenet"}, "train": {**TRAIN, "normalize": "featurewise"}}
+    run = run_experiment(from_dict({"name": "tta", **base, "augment": {"test_flip": True, "test_shift": 1}}),
+                         tmp_path / "runs", progress="none")
+    ds = load_dataset(from_dict(base).data)
+    model, pre, _, _ = load_model(run.path)
+    bare = model.net
+    with torch.no_grad():
+        x = pre(ds.x_test)
+        views = [x, _reflect_shift(x, 1), _reflect_shift(x, -1)]
+        mean = sum(bare(v) + bare(v.flip(-1)) for v in views) / 6
+        torch.testing.assert_close(model(x), mean)
+        flip_only = (bare(x) + bare(x.flip(-1))) / 2
+        assert not torch.allclose(mean, flip_only, atol=1e-4)       # the shifted views changed the scores
+    acc = (mean.argmax(1) == ds.y_test).float().mean().item()
+    assert run.results.test_accuracy == pytest.approx(acc, abs=1e-6)
+
+
+@pytest.mark.parametrize("augment, data, match", [
+    ({"test_shift": -1}, SYN, "test_shift"),
+    ({"test_shift": 40}, SYN, "test_shift"),
+])
+def test_bad_test_shift_is_refused(augment, data, match):
+    with pytest.raises(cnnlab.errors.ConfigError, match=match):
+        from_dict({"name": "s", "data": data, "augment": augment})
+
+
+def test_test_shift_larger_than_the_images_and_on_frozen_backbones_is_refused(tmp_path):
+    with pytest.raises(cnnlab.errors.ConfigError, match="test_shift"):
+        from_dict({"name": "f", **KINDS["frozen"], "augment": {"test_shift": 1}})
+    small = {**SYN, "image_size": 8}
+    with pytest.raises(cnnlab.errors.ConfigError, match="test_shift = 8 is not smaller than the 8px"):
+        run_experiment(from_dict({"name": "s", "data": small, "model": {"name": "basenet"}, "train": TRAIN,
+                                  "augment": {"test_shift": 8}}), tmp_path / "runs", progress="none")
+
+
+def test_airnet_stem_is_whitened_from_the_training_split_and_stays_frozen(tmp_path):
+    from cnnlab.data import split_train_val
+    from cnnlab.models.cifar import PatchWhitening
+    cfg = from_dict({"name": "air", "data": SYN, "model": {"name": "airnet", "args": {"widths": [8, 16]}},
+                     "train": {**TRAIN, "optimizer": "sgd", "lr": 0.05, "normalize": "featurewise"}})
+    run = run_experiment(cfg, tmp_path / "runs", progress="none")
+    model, pre, _, _ = load_model(run.path)
+    ds = load_dataset(cfg.data)
+    tr, _ = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
+    ref = PatchWhitening(3)
+    ref.init_from_data(pre(ds.x_train[tr]))                     # the whole split: fewer than 5,000 images
+    torch.testing.assert_close(model[0].weight, ref.weight)     # set from the data, unchanged by training
+    assert not torch.allclose(model[0].bias, torch.zeros_like(model[0].bias))   # the bias did train

@@ -68,7 +68,7 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
             model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: does not fit model {cfg.model.name!r} ({str(e).splitlines()[0][:200]})") from None
-    model = inference_model(model, cfg.augment.test_flip)     # predictions as the run scored them
+    model = inference_model(model, cfg.augment.test_flip, cfg.augment.test_shift)     # predictions as the run scored them
     return model.to(device).eval(), pre, list(classes), cfg
 
 

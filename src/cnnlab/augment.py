@@ -53,6 +53,20 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, n_draw: int | N
     return xp.gather(2, rows).gather(3, cols)
 
 
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator, n_draw: int | None = None,
+           part: slice = slice(None)) -> torch.Tensor:
+    """Cutout (DeVries & Taylor, 2017): a size x size square at a random centre in each image set to 0 (the
+    mean, on normalized inputs); near an edge the square is cut off by it. One mask for the whole batch."""
+    n, _, h, w = x.shape
+    centre = torch.stack([torch.randint(0, h, (n_draw or n,), generator=gen, device=gen.device),
+                          torch.randint(0, w, (n_draw or n,), generator=gen, device=gen.device)], 1)
+    top_left = (centre[part].to(x.device) - size // 2).view(n, 2, 1)
+    rows = torch.arange(h, device=x.device) - top_left[:, 0]          # (n, h): position inside the square
+    cols = torch.arange(w, device=x.device) - top_left[:, 1]
+    inside = ((rows >= 0) & (rows < size)).view(n, 1, h, 1) & ((cols >= 0) & (cols < size)).view(n, 1, 1, w)
+    return x.masked_fill(inside, 0.0)
+
+
 def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.Generator,
                         flip: bool = False, n_draw: int | None = None, part: slice = slice(None)) -> torch.Tensor:
     """Inception-style crop (area in [min_scale, 1], aspect in [3/4, 4/3]) resized to out x out, batched,
@@ -85,18 +99,21 @@ class Augmenter:
     @property
     def active(self) -> bool:
         c = self.cfg
-        return bool(c.zoom or c.hflip or c.crop_padding or c.random_resized_crop)
+        return bool(c.zoom or c.hflip or c.crop_padding or c.random_resized_crop or c.cutout)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator, draw: Draw | None = None) -> torch.Tensor:
         """`draw`: (global batch size, x's part of it) when x is one process's shard; None: x is the batch."""
         c = self.cfg
         n, part = draw or (len(x), slice(None))
         if c.random_resized_crop:
-            return random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, c.hflip, n, part)
+            x = random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, c.hflip, n, part)
+            return cutout(x, c.cutout, gen, n, part) if c.cutout else x
         if c.crop_padding:
             x = random_crop(x, c.crop_padding, gen, n, part)
         if c.zoom:
             x = zoom(x, c.zoom, gen, n, part)
         if c.hflip:
             x = hflip(x, gen, n, part)
+        if c.cutout:
+            x = cutout(x, c.cutout, gen, n, part)
         return x

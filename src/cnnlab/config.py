@@ -147,16 +147,22 @@ class AugmentConfig:
     zoom: float = 0.0                 # Keras zoom_range: x and y zoom drawn independently in [1-z, 1+z]
     hflip: bool = False               # random horizontal flip, p = 0.5
     crop_padding: int = 0             # random crop after reflect padding (0 = off)
+    cutout: int = 0                   # side of a square zeroed at a random place in each image (0 = off)
     random_resized_crop: bool = False  # Inception-style crop (scale rrc_min_scale..1) for large images
     rrc_min_scale: float = 0.08
     eval_crop: float = 0.875          # large images: center crop fraction at evaluation / feature extraction
-    # test-time flip: every evaluation (validation, test, `cnnlab evaluate`, predict, export) averages the logits
-    # of the image and its mirror; training is unchanged. Costs a second forward pass per evaluated image.
+    # Test-time augmentation of the finished model (test scores, `cnnlab evaluate`, predict, export): the mean
+    # of the logits of the image and its mirror (test_flip), and of both moved diagonally by +-test_shift
+    # pixels (reflect padding; 1 is airbench's choice for 32x32 images). Training is unchanged, and so is the
+    # per-epoch validation (the bare network: no extra passes each epoch). Costs 2x / 6x the forward passes.
     test_flip: bool = False
+    test_shift: int = 0
 
     def check(self, w: str) -> None:
         _check(0.0 <= self.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {self.zoom}")
         _check(self.crop_padding >= 0, w, "crop_padding", "must be >= 0")
+        _check(self.cutout >= 0, w, "cutout", f"must be a side in pixels, >= 0; got {self.cutout}")
+        _check(0 <= self.test_shift <= 8, w, "test_shift", f"must be a pixel count from 0 to 8; got {self.test_shift}")
         _check(0.0 < self.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")
         _check(0.0 < self.eval_crop <= 1.0, w, "eval_crop", "must be in (0, 1]")
 
@@ -267,8 +273,9 @@ class Config:
         change every step, and each search trial would be a whole training run."""
         keys = [f"[model] {k}" for k in ("flip_average", "standardize_features") if getattr(self.model, k)]
         keys += ["[search]"] if self.search.grid() else []
-        if self.augment.test_flip and self.train.freeze_backbone:
-            raise ConfigError(f"{where}: [augment] test_flip does not apply to frozen-backbone runs, which are "
+        if (self.augment.test_flip or self.augment.test_shift) and self.train.freeze_backbone:
+            key = "test_flip" if self.augment.test_flip else "test_shift"
+            raise ConfigError(f"{where}: [augment] {key} does not apply to frozen-backbone runs, which are "
                               f"scored on cached features; use [model] flip_average = true (both views' features "
                               f"averaged, in training and at test time)")
         if keys and not self.train.freeze_backbone:

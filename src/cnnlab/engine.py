@@ -102,7 +102,10 @@ class Trainer:
     augmenter: Augmenter | None = None
     image_size: int | None = None          # network input size when the stored images are larger
     eval_crop: float = 1.0
-    test_flip: bool = False                # evaluation averages the logits of each image and its mirror
+    # Test-time views (the image's mirror, shifted copies) for the finished model's scores (`tta=True`); the
+    # per-epoch validation scores the bare network: no extra passes per epoch, curves comparable across settings.
+    test_flip: bool = False
+    test_shift: int = 0
 
     def __post_init__(self):
         self.bf16 = use_bf16(self.cfg.precision, self.device)
@@ -117,7 +120,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.phase = ""
         self.net = self.model                  # DDP wrapper under torchrun (see enter_phase)
-        self.scorer = inference_model(self.model, self.test_flip)     # what evaluation calls
+        self.scorer = inference_model(self.model, self.test_flip, self.test_shift)     # what tta=True calls
         # Separate streams of randomness, all from the one seed: shuffling (CPU), augmentation (device).
         self.shuffle_gen = torch.Generator().manual_seed(self.seed * 1000 + 1)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 2)
@@ -225,33 +228,41 @@ class Trainer:
         return max(1, bs)
 
     @torch.no_grad()
-    def predict_logits(self, data: Split, part: slice | None = None) -> torch.Tensor:
+    def predict_logits(self, data: Split, part: slice | None = None, tta: bool = False) -> torch.Tensor:
         """float32 logits (N, K) of a whole split (or of positions `part` of it), on the device, in eval
-        mode, batched."""
+        mode, batched; `tta`: averaged over the run's test-time views."""
         self._settle_precision(data)
-        self.scorer.eval()                     # the model too (the wrapper's mode decides the flip)
+        scorer = self.scorer if tta else self.model
+        scorer.eval()                          # the model too (the wrapper's mode decides the views)
         bs = self.eval_batch(data)
         start, stop = (0, len(data)) if part is None else (part.start, part.stop)
         out = []
         for xb, _ in data.batches(None, [slice(i, min(i + bs, stop)) for i in range(start, stop, bs)]):
             with autocast(self.device, self.bf16):
-                out.append(self.scorer(self._prepare(xb, train=False)).float())
+                out.append(scorer(self._prepare(xb, train=False)).float())
         return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
 
-    @torch.no_grad()
-    def evaluate(self, data: Split) -> tuple[float, float]:
+    def evaluate(self, data: Split, tta: bool = False) -> tuple[float, float]:
         """Mean cross-entropy (no label smoothing, as Keras reports it) and accuracy; sharded under DDP."""
+        return self.score(data, tta)[:2]
+
+    @torch.no_grad()
+    def score(self, data: Split, tta: bool = False) -> tuple[float, float, torch.Tensor | None]:
+        """evaluate(), plus the logits it computed: of the whole split on a single process, None under DDP
+        (a rank holds only its shard), so that the final scoring does not run the test views twice."""
         if len(data) == 0:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), None
         part = self.dist.shard(len(data))          # the whole split on a single process
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        logits = None
         if part.stop > part.start:
-            logits, y = self.predict_logits(data, part), data.y[part]
+            logits, y = self.predict_logits(data, part, tta), data.y[part]
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
         distributed.all_reduce_sum(loss_sum, correct)
-        return loss_sum.item() / len(data), correct.item() / len(data)
+        whole = logits is not None and len(logits) == len(data)
+        return loss_sum.item() / len(data), correct.item() / len(data), logits if whole else None
 
     # -- state for checkpoints and resume
     def state_dict(self) -> dict:

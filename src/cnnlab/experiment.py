@@ -22,7 +22,7 @@ from cnnlab.data.stream import RowFile, memory_budget, place, rows_of
 from cnnlab.device import resolve_device, use_bf16
 from cnnlab.engine import FitResult, Split, Trainer, fit
 from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
-from cnnlab.models import count_params, summary
+from cnnlab.models import count_params, init_from_data, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
 from cnnlab.preprocess import Normalizer, Preprocess
@@ -75,6 +75,9 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
     ds = (data_cache or DataCache()).get(cfg.data, progress != "bar")
     torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
     model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
+    if cfg.augment.test_shift >= size:
+        raise ConfigError(f"{source}: [augment] test_shift = {cfg.augment.test_shift} is not smaller than the "
+                          f"{size}px images; use 1 or 2 pixels")
     table = summary(model, (3, size, size))
     tr_idx, va_idx = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
     image_norm = choose_normalizer(cfg.train.normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr_idx),
@@ -106,9 +109,11 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
         if progress == "bar":
             print(f"\n== {cfg.name}: {ds.describe()}; {len(splits.train)} train / {len(splits.val)} val -> {recorder.path}")
             print(table)
+        if not resume:
+            init_layers_from_data(trained, splits.train, splits.normalizer)
         trainer = Trainer(trained, cfg.train, device, cfg.seed, splits.normalizer, Augmenter(cfg.augment, size),
                           image_size=size if ds.x_train.ndim == 4 else None, eval_crop=cfg.augment.eval_crop,
-                          test_flip=cfg.augment.test_flip)
+                          test_flip=cfg.augment.test_flip, test_shift=cfg.augment.test_shift)
         identity = checkpoint_identity(cfg, ds.num_classes)
         if resume:
             restore(trainer, resume, identity, device, cfg)
@@ -193,6 +198,15 @@ def to_device(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, norm: Normalizer,
                    device, memory_budget(cfg.memory_budget_mb if cfg else 0, device),
                    None if quiet or not distributed.info().is_main else print)
     return Splits(placed["train"], placed["val"], placed["test"], norm)
+
+
+def init_layers_from_data(model: nn.Module, train: Split, normalizer: Normalizer, n: int = 5000) -> None:
+    """Layers set from the training images before the first step (airnet's patch whitening): from the first
+    `n` images of the training split, normalized as the network sees them. Deterministic per seed."""
+    if not any(hasattr(m, "init_from_data") for m in model.modules()) or not len(train):
+        return
+    xb, _ = next(iter(train.batches(None, [slice(0, min(n, len(train)))])))
+    init_from_data(model, normalizer(xb).to(next(model.parameters()).device))
 
 
 def split_warnings(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, cfg: DataConfig) -> list[str]:
@@ -286,9 +300,11 @@ def finish(trainer: Trainer, fitted: FitResult, splits: Splits, test_images: tor
     if fitted.diverged:
         res.reason = f"loss became {trainer.history[-1]['loss']} at epoch {trainer.epoch}; lower [train] lr"
     else:
-        res.test_loss, res.test_accuracy = trainer.evaluate(splits.test)
+        res.test_loss, res.test_accuracy, logits = trainer.score(splits.test, tta=True)
         if recorder.active and len(splits.test):
-            ev = evaluate_logits(trainer.predict_logits(splits.test), splits.test.y, classes)
+            if logits is None:                     # under DDP: the whole split, on the main process
+                logits = trainer.predict_logits(splits.test, tta=True)
+            ev = evaluate_logits(logits, splits.test.y, classes)
             res.test_top5, res.test_macro_f1 = ev.top5, ev.macro_f1
             recorder.call(write_evaluation, ev, test_images.cpu(), title=res.label)
     recorder.write_results(res)

@@ -53,7 +53,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
                           f"(or use a timm/torchvision backbone name, or package.module:function)")
     try:
         return _MODELS[name](num_classes=num_classes, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:       # an unknown or bad argument in [model] args
         raise ConfigError(f"[model.args] for {name!r}: {e}") from None
 
 
@@ -112,3 +112,11 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     out += ["=" * (w + 36), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
             f"Non-trainable params: {total - trainable:,}", line]
     return "\n".join(out)
+
+
+def init_from_data(model: nn.Module, x: torch.Tensor) -> bool:
+    """Call `init_from_data(x)` on every layer that has one (airnet's PatchWhitening); True when any did."""
+    layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    for m in layers:
+        m.init_from_data(x)
+    return bool(layers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.config import ModelConfig
@@ -20,22 +21,33 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
     return build_transfer_model(cfg, num_classes)
 
 
-class FlipAverage(nn.Module):
-    """Test-time flip ([augment] test_flip): in eval mode, the mean of the logits of the image and of its
-    mirror; in training mode, the wrapped model as it is. Holds no weights of its own: checkpoints stay those
-    of the wrapped model."""
+class TestTimeAverage(nn.Module):
+    """Test-time augmentation ([augment] test_flip, test_shift): in eval mode, the mean of the logits of the
+    image and its mirror, and with `shift`, of both views moved diagonally by +-shift pixels (reflect
+    padding; airbench's multi-crop TTA). In training mode, the wrapped model as it is. Holds no weights of
+    its own: checkpoints stay those of the wrapped model."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, flip: bool = True, shift: int = 0):
         super().__init__()
-        self.net = net
+        self.net, self.flip, self.shift = net, flip, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.net(x)
-        # Two calls, not one on both views stacked: evaluation memory stays that of one batch.
-        return (self.net(x) + self.net(x.flip(-1))) / 2
+        views = [x]
+        if self.shift:
+            s, (h, w) = self.shift, x.shape[-2:]
+            padded = F.pad(x, (s, s, s, s), mode="reflect")
+            views += [padded[..., :h, :w], padded[..., 2 * s:2 * s + h, 2 * s:2 * s + w]]
+        # One call per view, not one on all views stacked: evaluation memory stays that of one batch.
+        total = 0
+        for v in views:
+            total = total + self.net(v)
+            if self.flip:
+                total = total + self.net(v.flip(-1))
+        return total / (len(views) * (2 if self.flip else 1))
 
 
-def inference_model(model: nn.Module, test_flip: bool) -> nn.Module:
-    """The module that scores and predicts: the model, or the model averaged over the image and its mirror."""
-    return FlipAverage(model) if test_flip else model
+def inference_model(model: nn.Module, test_flip: bool, test_shift: int = 0) -> nn.Module:
+    """The module that scores and predicts: the model, or its average over test-time views."""
+    return TestTimeAverage(model, test_flip, test_shift) if test_flip or test_shift else model
