@@ -229,3 +229,23 @@ def test_airnet_stem_is_whitened_from_the_training_split_and_stays_frozen(tmp_pa
     ref.init_from_data(pre(ds.x_train[tr]))                     # the whole split: fewer than 5,000 images
     torch.testing.assert_close(model[0].weight, ref.weight)     # set from the data, unchanged by training
     assert not torch.allclose(model[0].bias, torch.zeros_like(model[0].bias))   # the bias did train
+
+
+def test_layers_set_from_data_see_images_spread_over_the_whole_split():
+    """An image folder's records are sorted by class: the first images would all be of the first classes."""
+    from torch import nn
+    from cnnlab.data.stream import Batches
+    from cnnlab.experiment import init_layers_from_data
+    from cnnlab.preprocess import Normalizer
+    seen = []
+
+    class Probe(nn.Module):
+        def init_from_data(self, x):
+            seen.append(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Probe())
+    x = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous()
+    init_layers_from_data(model, Batches(x, torch.zeros(12, dtype=torch.long)), Normalizer(), n=4)
+    assert (seen[0][:, 0, 0, 0] * 255).round().tolist() == [0, 3, 6, 9]
+    init_layers_from_data(nn.Sequential(nn.Conv2d(3, 3, 1)), Batches(x, torch.zeros(12, dtype=torch.long)), Normalizer())
+    assert len(seen) == 1                                       # a model without such layers: nothing read

@@ -201,11 +201,13 @@ def to_device(ds: Dataset, tr: torch.Tensor, va: torch.Tensor, norm: Normalizer,
 
 
 def init_layers_from_data(model: nn.Module, train: Split, normalizer: Normalizer, n: int = 5000) -> None:
-    """Layers set from the training images before the first step (airnet's patch whitening): from the first
-    `n` images of the training split, normalized as the network sees them. Deterministic per seed."""
+    """Layers set from the training images before the first step (airnet's patch whitening): from at most `n`
+    images spread evenly over the training split (an image folder's records are sorted by class), normalized
+    as the network sees them. Deterministic per seed."""
     if not any(hasattr(m, "init_from_data") for m in model.modules()) or not len(train):
         return
-    xb, _ = next(iter(train.batches(None, [slice(0, min(n, len(train)))])))
+    picks = torch.arange(0, len(train), -(-len(train) // n))
+    xb, _ = next(iter(train.batches(picks, [slice(0, len(picks))])))
     init_from_data(model, normalizer(xb).to(next(model.parameters()).device))
 
 
