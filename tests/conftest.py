@@ -63,6 +63,44 @@ def run_cli(args: list[str], home: Path, cwd: Path | None = None, timeout: float
                           cwd=cwd or home, env=subprocess_env(home, **extra_env), timeout=timeout)
 
 
+def cli(args: list, home: Path) -> subprocess.CompletedProcess:
+    """`cnnlab ARGS` in this process (cnnlab.cli.main), with its exit status and output captured: the same
+    command-line behaviour as `run_cli` without paying a fresh interpreter's torch import (several seconds).
+    Tests of what only a real process shows (signals, exit codes of a killed child, worker processes, the
+    installed entry point) use run_cli."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from cnnlab.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    before, threads, pinned = Path.cwd(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    # One pinned thread, as run_cli's processes have: the same numbers, and no thread adaptation mid-test.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    # Warnings as a fresh process shows them (each once, on stderr); pytest would otherwise collect them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            os.chdir(home)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(a) for a in args])
+        except SystemExit as e:            # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.chdir(before)
+            torch.set_num_threads(threads)
+            if pinned is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = pinned
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["cnnlab", *map(str, args)], code, out.getvalue(), err.getvalue() + shown)
+
+
 def synthetic_row(name: str, lr: float, epochs: int, label: str | None = None) -> str:
     """A small, fast suite row: BaseNet + Adam on the synthetic source (optionally with a report label)."""
     text = f"""

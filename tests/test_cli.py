@@ -15,7 +15,7 @@ from cnnlab.config import load_config
 from cnnlab.models import create_model
 from cnnlab.runs import HISTORY_KEYS
 
-from conftest import run_cli, synthetic_row
+from conftest import cli, run_cli, synthetic_row
 
 FAST = ["--data", "synthetic", "--set", "data.synthetic_train=600", "--set", "data.synthetic_test=200",
         "--set", "train.epochs=4", "--set", "train.precision=fp32", "-q"]
@@ -38,7 +38,7 @@ def e2e(tmp_path_factory):
     out = {}
     for key, seed in (("a", 0), ("b", 0), ("c", 1)):
         runs = base / f"runs-{key}"
-        proc = run_cli(["run", "practice/08_bnpre", *FAST, "--seed", seed, "--runs-dir", runs], base / "home")
+        proc = cli(["run", "practice/08_bnpre", *FAST, "--seed", seed, "--runs-dir", runs], base / "home")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[key] = (_only_run(runs), proc)
     return out
@@ -159,7 +159,7 @@ def test_suite_report_and_rebuild(tmp_path):
     (suite / "01_slow.toml").write_text(synthetic_row("slow", 0.001, 3, "Adam 0.001"))
     (suite / "02_fast.toml").write_text(synthetic_row("fast", 0.003, 3, "Adam 0.003"))
     runs = tmp_path / "runs"
-    proc = run_cli(["suite", suite, "--runs-dir", runs, "-q"], tmp_path / "home")
+    proc = cli(["suite", suite, "--runs-dir", runs, "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2/2 runs ok" in proc.stdout
     folder = _only_run(runs)
@@ -187,7 +187,7 @@ def test_suite_report_and_rebuild(tmp_path):
     # rebuild from the folder alone: no training, same table
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "report.md"}
     (folder / "report.md").unlink()
-    proc = run_cli(["report", folder], tmp_path / "home")
+    proc = cli(["report", folder], tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rebuilt = (folder / "report.md").read_text()
     assert _table_rows(rebuilt) == rows
@@ -198,7 +198,7 @@ def test_suite_report_and_rebuild(tmp_path):
 
 
 def test_report_of_missing_folder(tmp_path):
-    proc = run_cli(["report", tmp_path / "nowhere"], tmp_path / "home")
+    proc = cli(["report", tmp_path / "nowhere"], tmp_path / "home")
     assert proc.returncode == 2
     assert proc.stderr.startswith("cnnlab: error:") and "nowhere" in proc.stderr
 
@@ -220,7 +220,7 @@ def test_diverging_run(tmp_path):
         precision = "fp32"
         """))
     runs = tmp_path / "runs"
-    proc = run_cli(["run", cfg, "--runs-dir", runs, "-q"], tmp_path / "home")
+    proc = cli(["run", cfg, "--runs-dir", runs, "-q"], tmp_path / "home")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIVERGED" in proc.stdout and "lower [train] lr" in proc.stdout
     assert "Traceback" not in proc.stderr

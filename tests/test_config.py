@@ -9,7 +9,7 @@ import pytest
 from cnnlab.config import (Config, apply_overrides, default_lr, from_dict, load_config, to_dict)
 from cnnlab.errors import CnnlabError, ConfigError
 
-from conftest import run_cli
+from conftest import cli
 
 GOOD = """
 name = "demo"
@@ -284,14 +284,14 @@ def _assert_one_line_error(proc, *fragments):
 ])
 def test_cli_config_error_is_one_line_exit_2(tmp_path, text, key):
     p = write(tmp_path, text, name="BAD.toml")
-    proc = run_cli(["run", p, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
+    proc = cli(["run", p, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
     _assert_one_line_error(proc, key, str(p))
     assert not (tmp_path / "runs").exists()
 
 
 def test_cli_bad_set_override(tmp_path):
     p = write(tmp_path, GOOD)
-    proc = run_cli(["run", p, "--set", "train.batch_size=0", "--runs-dir", tmp_path / "runs"], tmp_path / "home")
+    proc = cli(["run", p, "--set", "train.batch_size=0", "--runs-dir", tmp_path / "runs"], tmp_path / "home")
     _assert_one_line_error(proc, "batch_size", str(p))
 
 
@@ -308,7 +308,7 @@ def test_cli_batch_larger_than_training_split(tmp_path):
         epochs = 1
         precision = "fp32"
         """, name="toobig.toml")
-    proc = run_cli(["run", p, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
+    proc = cli(["run", p, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
     _assert_one_line_error(proc, "batch_size", str(p), "training split", "90 images")
     # the check happens before a run folder is made
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

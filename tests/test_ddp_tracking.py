@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, subprocess_env
+from conftest import cli, run_cli, subprocess_env
 
 CFG = """
 name = "dp"
@@ -91,8 +91,8 @@ def test_tensorboard_and_mlflow_loggers(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     cfg = tmp_path / "dp.toml"
     cfg.write_text(CFG.replace("epochs = 3", "epochs = 2"))
-    proc = run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q", "--logger", "tensorboard", "--logger", "mlflow"],
-                   tmp_path / "home")
+    proc = cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q", "--logger", "tensorboard", "--logger", "mlflow"],
+               tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("dp-"))
     history = json.loads((run / "history.json").read_text())
@@ -120,7 +120,7 @@ def test_tensorboard_and_mlflow_loggers(tmp_path, monkeypatch):
 def test_unknown_logger_is_a_config_error(tmp_path):
     cfg = tmp_path / "dp.toml"
     cfg.write_text(CFG + '\n[tracking]\nloggers = ["wandb"]\n')
-    proc = run_cli(["run", cfg, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
+    proc = cli(["run", cfg, "--runs-dir", tmp_path / "runs"], tmp_path / "home")
     assert proc.returncode == 2 and "loggers" in proc.stderr and str(cfg) in proc.stderr
 
 
@@ -148,7 +148,7 @@ def test_suite_with_missing_data_says_so_once_before_any_row(tmp_path):
     for i in range(3):
         row = synthetic_row(f"r{i}", 0.001, 1).replace('source = "synthetic"', 'source = "cifar10"')
         (d / f"0{i}_r{i}.toml").write_text(row)
-    proc = run_cli(["suite", d, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home")
+    proc = cli(["suite", d, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cnnlab: error: suite") and "cifar-10-python.tar.gz" in lines[0], lines

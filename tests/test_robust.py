@@ -18,7 +18,7 @@ import torch
 from cnnlab.report import compare_test
 from cnnlab.runs import RunFolder, load_checkpoint
 
-from conftest import ROOT, LineReader, run_cli, subprocess_env, synthetic_row, wait_for_checkpoint
+from conftest import LineReader, ROOT, cli, run_cli, subprocess_env, synthetic_row, wait_for_checkpoint
 
 CFG = """
 name = "res"
@@ -59,7 +59,7 @@ def _history(run: Path) -> list[dict]:
 
 def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
     cfg = _write(tmp_path)
-    full = run_cli(["run", cfg, "--runs-dir", tmp_path / "full", "-q"], tmp_path / "home")
+    full = cli(["run", cfg, "--runs-dir", tmp_path / "full", "-q"], tmp_path / "home")
     assert full.returncode == 0, full.stderr
     full_run = next((tmp_path / "full").iterdir())
 
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
     assert not (killed_run / "results.json").exists(), seen
     epoch_at_kill = load_checkpoint(killed_run / "checkpoints" / "last.pt")["epoch"]
     assert 2 <= epoch_at_kill < 5
-    resumed = run_cli(["run", "--resume", killed_run, "-q"], tmp_path / "home")
+    resumed = cli(["run", "--resume", killed_run, "-q"], tmp_path / "home")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
 
@@ -106,23 +106,23 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
 
 def test_resume_refuses_finished_run_and_folder_without_checkpoint(tmp_path):
     cfg = _write(tmp_path, epochs=1)
-    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home").returncode == 0
+    assert cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home").returncode == 0
     run = next((tmp_path / "runs").iterdir())
-    proc = run_cli(["run", "--resume", run], tmp_path / "home")
+    proc = cli(["run", "--resume", run], tmp_path / "home")
     assert proc.returncode == 2 and "already finished" in proc.stderr
-    proc = run_cli(["run", "--resume", tmp_path], tmp_path / "home")
+    proc = cli(["run", "--resume", tmp_path], tmp_path / "home")
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
 
 
 def test_checkpoint_of_another_config_names_both(tmp_path):
     cfg = _write(tmp_path, epochs=1)
-    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "a", "-q"], tmp_path / "home").returncode == 0
-    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "b", "-q", "--set", "name='other'",
+    assert cli(["run", cfg, "--runs-dir", tmp_path / "a", "-q"], tmp_path / "home").returncode == 0
+    assert cli(["run", cfg, "--runs-dir", tmp_path / "b", "-q", "--set", "name='other'",
                     "--set", "model.name='basenet'"], tmp_path / "home").returncode == 0
     a, b = next((tmp_path / "a").iterdir()), next((tmp_path / "b").iterdir())
     (a / "results.json").unlink()                               # pretend 'a' was killed...
     (a / "checkpoints" / "last.pt").write_bytes((b / "checkpoints" / "last.pt").read_bytes())   # ...with b's file
-    proc = run_cli(["run", "--resume", a], tmp_path / "home")
+    proc = cli(["run", "--resume", a], tmp_path / "home")
     assert proc.returncode == 2
     assert "'other'" in proc.stderr and "'res'" in proc.stderr and "basenet" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -172,7 +172,7 @@ def _suite(tmp_path: Path) -> Path:
 
 def test_suite_survives_failing_rows_and_resumes(tmp_path):
     d = _suite(tmp_path)
-    proc = run_cli(["suite", d, "--runs-dir", tmp_path / "runs", "--seeds", "2", "-q"], tmp_path / "home")
+    proc = cli(["suite", d, "--runs-dir", tmp_path / "runs", "--seeds", "2", "-q"], tmp_path / "home")
     assert proc.returncode == 1, proc.stderr                          # something failed...
     folder = next((tmp_path / "runs").iterdir())
     results = {p.parent.name: json.loads(p.read_text()) for p in folder.rglob("results.json")}
@@ -186,7 +186,7 @@ def test_suite_survives_failing_rows_and_resumes(tmp_path):
 
     # Resume: finished rows are skipped (their results untouched), failed ones are tried again.
     before = {k: (folder / "rows" / k / "results.json").stat().st_mtime_ns for k in results if "-a-" in k}
-    proc = run_cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
+    proc = cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
     assert proc.returncode == 1
     assert proc.stdout.count("finished earlier, skipped") == 4           # a and d, two seeds each
     after = {k: (folder / "rows" / k / "results.json").stat().st_mtime_ns for k in before}
@@ -209,7 +209,7 @@ def test_suite_resume_continues_an_interrupted_row(tmp_path):
     folder = next((tmp_path / "runs").iterdir())
     done = load_checkpoint(ckpt)["epoch"]
     before = json.loads((ckpt.parent.parent / "history.json").read_text())[:done]
-    proc = run_cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
+    proc = cli(["suite", "--resume", folder, "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     # A resumed row prints only the epochs it still had to train, and keeps the finished epochs' records
     # (their wall-clock seconds too, which a restarted row could not reproduce).
@@ -223,14 +223,14 @@ def test_suite_resume_continues_an_interrupted_row(tmp_path):
 
 def test_rerun_repeats_the_recorded_config(tmp_path):
     cfg = _write(tmp_path, epochs=2)
-    assert run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "--set", "data.synthetic_train=500", "-q"],
+    assert cli(["run", cfg, "--runs-dir", tmp_path / "runs", "--set", "data.synthetic_train=500", "-q"],
                    tmp_path / "home").returncode == 0
     first = next((tmp_path / "runs").iterdir())
     meta = json.loads((first / "meta.json").read_text())
     for key in ("cnnlab", "torch", "device", "command", "git_commit", "python"):
         assert key in meta
     assert meta["command"][-1] == "-q"
-    proc = run_cli(["rerun", first, "--runs-dir", tmp_path / "again", "-q"], tmp_path / "home")
+    proc = cli(["rerun", first, "--runs-dir", tmp_path / "again", "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     second = next((tmp_path / "again").iterdir())
     assert _history(first) == _history(second)

@@ -163,7 +163,7 @@ def test_frozen_run_via_cli_on_imagefolder(tmp_path):
     """imagefolder at a non-CIFAR size feeds a backbone through the CLI."""
     from PIL import Image
 
-    from conftest import run_cli
+    from conftest import cli
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 12), ("test", 4)):
         for c, colour in enumerate(((200, 30, 30), (30, 200, 30))):
@@ -191,7 +191,7 @@ def test_frozen_run_via_cli_on_imagefolder(tmp_path):
         batch_size = 8
         freeze_backbone = true
     """))
-    proc = run_cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home")
+    proc = cli(["run", cfg, "--runs-dir", tmp_path / "runs", "-q"], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert res["status"] == "ok" and res["epochs_run"] == 2

@@ -16,7 +16,7 @@ from cnnlab.config import from_dict
 from cnnlab.data import load_dataset
 from cnnlab.experiment import run_experiment
 
-from conftest import run_cli
+from conftest import cli
 
 SYN = {"source": "synthetic", "classes": 4, "synthetic_train": 160, "synthetic_test": 40}
 TRAIN = {"optimizer": "adam", "epochs": 2, "batch_size": 32, "precision": "fp32"}
@@ -88,7 +88,7 @@ def test_predict_cli_matches_the_python_api_and_reports_bad_files(trained, tmp_p
     files = _images(tmp_path / "imgs")
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "pred.json"
-    proc = run_cli(["predict", trained, tmp_path / "imgs", "--topk", "3", "--out", out], tmp_path / "home")
+    proc = cli(["predict", trained, tmp_path / "imgs", "--topk", "3", "--out", out], tmp_path / "home")
     assert proc.returncode == 1, proc.stdout + proc.stderr               # one file failed...
     assert "broken.jpg" in proc.stderr and proc.stderr.count("\n") == 1
     rows = json.loads(out.read_text())                                    # ...the others were predicted
@@ -98,12 +98,12 @@ def test_predict_cli_matches_the_python_api_and_reports_bad_files(trained, tmp_p
     for r, top in zip(rows, api):
         assert [t["label"] for t in r["top"]] == [label for label, _ in top]
         assert [t["prob"] for t in r["top"]] == pytest.approx([p for _, p in top], abs=1e-6)
-    ok = run_cli(["predict", trained, files[0], "--topk", "2"], tmp_path / "home")
+    ok = cli(["predict", trained, files[0], "--topk", "2"], tmp_path / "home")
     assert ok.returncode == 0, ok.stderr
 
 
 def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
-    proc = run_cli(["evaluate", trained], tmp_path / "home")
+    proc = cli(["evaluate", trained], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     folder = trained / "eval-test"
     ev = json.loads((folder / "evaluation.json").read_text())
@@ -112,7 +112,7 @@ def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
     assert ev["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-9) and ev["n"] == len(ds.y_test) == 16
     for name in ("per_class.csv", "confusion.png", "errors.png", "confused_pairs.csv"):
         assert (folder / name).is_file(), name
-    val = run_cli(["evaluate", trained, "--split", "val", "--weights", "best"], tmp_path / "home")
+    val = cli(["evaluate", trained, "--split", "val", "--weights", "best"], tmp_path / "home")
     assert val.returncode == 0, val.stderr
     from cnnlab.data import split_train_val
     _, va = split_train_val(ds.y_train, 0.1, "stratified", 0)
@@ -122,7 +122,7 @@ def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
 def test_evaluate_on_data_with_other_classes_names_the_difference(trained, tmp_path):
     other = tmp_path / "other.toml"
     other.write_text('[data]\nsource = "synthetic"\nclasses = [0, 1, 2, 5]\nsynthetic_train = 160\nsynthetic_test = 40\n')
-    proc = run_cli(["evaluate", trained, "--data", other], tmp_path / "home")
+    proc = cli(["evaluate", trained, "--data", other], tmp_path / "home")
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert line.count("\n") == 0 and "only in the model: class_03" in line and "only in the data: class_05" in line
@@ -133,7 +133,7 @@ def test_export_cli_round_trips(trained, tmp_path, fmt):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
-    proc = run_cli(["export", trained, "--format", fmt, "--out", out], tmp_path / "home")
+    proc = cli(["export", trained, "--format", fmt, "--out", out], tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "max |difference|" in proc.stdout
     diff = float(proc.stdout.split("PyTorch on real inputs: ")[1].split()[0])
@@ -142,7 +142,7 @@ def test_export_cli_round_trips(trained, tmp_path, fmt):
 
 
 def test_load_of_a_folder_that_is_not_a_run(tmp_path):
-    proc = run_cli(["predict", tmp_path, tmp_path], tmp_path / "home")
+    proc = cli(["predict", tmp_path, tmp_path], tmp_path / "home")
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
 
 

@@ -120,7 +120,7 @@ def _execute(cfg, a, source: str, resume=None) -> int:
     results = []
     for s in range(1 if resume else cfg.seeds):
         out = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
-                             progress="line" if a.quiet else "bar", argv=sys.argv, resume=resume)
+                             progress="line" if a.quiet else "bar", argv=a.command, resume=resume)
         results.append(out.results)
     if len(results) > 1 and out.path is not None:
         from cnnlab.report import _mean_std
@@ -172,7 +172,7 @@ def cmd_suite(a) -> int:
         raise CnnlabError("suite: give a suite name or folder, or --resume SUITE_DIR")
     only = [s.strip() for s in a.only.split(",")] if a.only else None
     overrides = [o for o in _overrides(a) if o[0] != "seeds"]
-    _, failures = run_suite(a.suite, a.runs_dir, overrides, a.data, only, "line" if a.quiet else "bar", sys.argv,
+    _, failures = run_suite(a.suite, a.runs_dir, overrides, a.data, only, "line" if a.quiet else "bar", a.command,
                             seeds=a.seeds, resume=a.resume, jobs=a.jobs)
     return 1 if failures else 0
 
@@ -251,6 +251,8 @@ def cmd_configs(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     from cnnlab.export import ExportMismatch
     a = build_parser().parse_args(argv)
+    # What a run folder records as its command: this process's, or the arguments main() was called with.
+    a.command = list(sys.argv) if argv is None else ["cnnlab", *map(str, argv)]
     try:
         return {"run": cmd_run, "rerun": cmd_rerun, "suite": cmd_suite, "report": cmd_report, "models": cmd_models,
                 "configs": cmd_configs, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export}[a.cmd](a)
