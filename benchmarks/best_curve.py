@@ -7,8 +7,8 @@ augmentation adds, and its time against the recipe the speed issue started from.
    not change training, so each run's weights also give the test accuracy without it, and with the flip
    alone: the script scores the test split with the bare network, with image + mirror, and with the run's
    6 views (image, mirror, both moved diagonally by 1 pixel), which must equal the run's own test accuracy.
-2. Timing, in this process, alternated: --timing-epochs epochs of the issue's starting recipe (`best` before
-   test-time augmentation) and of today's `best`, twice; seconds per epoch (training + validation), and the
+2. Timing, in this process, alternated: --timing-epochs epochs of the issue's starting recipe (`best` as it was
+   then: resnet9s, no test-time views) and of today's `best`, twice; seconds per epoch (training + validation), and the
    one pass of the 6-view test scoring at the end of a run against the bare network's. (A short run's
    schedule differs; its epoch costs the same.)
 3. Writes benchmarks/best_curve.png: validation accuracy against training seconds, each seed and their
@@ -68,13 +68,16 @@ def scoring_seconds(run: Path, x: torch.Tensor) -> tuple[float, float]:
     return times[0], times[1]
 
 
-# The recipe the speed issue measured (`best` before test-time augmentation): the time budget.
-START = {"augment": {"test_flip": False, "test_shift": 0}}
+# The recipe the speed issue measured (`best` as it was then: resnet9s width 16, label smoothing 0.1, no
+# test-time views): the time budget.
+START = {"model": {"name": "resnet9s", "args": {"width": 16}}, "train": {"label_smoothing": 0.1},
+         "augment": {"test_flip": False, "test_shift": 0}}
 
 
 def epoch_seconds(data_dir: str, runs_dir: str, epochs: int, start: bool) -> float:
-    r = cnnlab.run("best", data="cifar10s", data_dir=data_dir, runs_dir=runs_dir, progress="none",
-                   train={"epochs": epochs, "warmup_epochs": 1}, **(START if start else {}))
+    over = {k: dict(v) for k, v in START.items()} if start else {}
+    over["train"] = {**over.get("train", {}), "epochs": epochs, "warmup_epochs": 1}
+    r = cnnlab.run("best", data="cifar10s", data_dir=data_dir, runs_dir=runs_dir, progress="none", **over)
     return statistics.mean(h["seconds"] for h in r.history)
 
 

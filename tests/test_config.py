@@ -343,3 +343,37 @@ def test_readme_config_reference_lists_every_key():
     assert {k for k, v in ref.items() if not isinstance(v, dict)} == top | {"base"}
     for name, tp in SECTIONS.items():
         assert set(ref[name]) == {f.name for f in dataclasses.fields(tp)}, name
+
+
+def test_every_packaged_config_loads_and_its_cifar_nets_build():
+    """The packaged configs are what users run first: each parses and checks, and each CIFAR net builds for
+    the practice's 25 classes at 32x32 (the CUB ones need downloaded weights: test_transfer covers them)."""
+    import torch
+
+    from cnnlab.configs import all_configs, config_file
+    from cnnlab.models.build import build_model
+    names = all_configs()
+    assert {"best", "practice/01_sgd20", "practice/11_es", "practice-birds/01_frozen"} <= set(names)
+    for name in names:
+        cfg = load_config(config_file(name))
+        if not cfg.data.source.startswith("cifar"):
+            continue
+        model, _, size = build_model(cfg.model, cfg.data.classes, 32)
+        assert size == 32 and cfg.augment.test_shift < size, name
+        with torch.no_grad():
+            assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 25), name
+
+
+def test_best_runs_end_to_end_with_its_own_recipe(tmp_path):
+    """`best` as packaged (airnet, whitening from the data, 6 test-time views) on a small synthetic set."""
+    import json
+
+    import cnnlab
+    run = cnnlab.run("best", data="synthetic", runs_dir=tmp_path / "runs", progress="none",
+                     train={"epochs": 2, "warmup_epochs": 1, "precision": "fp32"},
+                     **{"data.synthetic_train": 512, "data.synthetic_test": 128})
+    res = json.loads((run.path / "results.json").read_text())
+    assert res["status"] == "ok" and res["model"] == "airnet" and res["epochs_run"] == 2
+    assert res["test_accuracy"] > 0.3          # 10 classes: chance is 0.1
+    cfg = load_config(run.path / "config.toml")
+    assert cfg.augment.test_flip and cfg.augment.test_shift == 1 and cfg.model.args == {"widths": [32, 96, 160]}
