@@ -119,6 +119,33 @@ def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
     assert json.loads((trained / "eval-val" / "evaluation.json").read_text())["n"] == len(va) > 0
 
 
+def test_evaluate_several_runs_scores_the_mean_of_their_probabilities(trained, tmp_path):
+    """`cnnlab evaluate RUN1 RUN2`: an ensemble; its loss is that of the averaged probabilities."""
+    cfg = from_dict({"name": "use2", "seed": 1, "data": SYN, "model": {"name": "basenet"},
+                     "train": {**TRAIN, "epochs": 3, "normalize": "featurewise"}})
+    second = run_experiment(cfg, tmp_path / "runs", progress="none").path
+    proc = cli(["evaluate", trained, second], tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert "ensemble of 2 runs" in proc.stdout and str(second) in proc.stdout
+    ev = json.loads((trained / "eval-ensemble2-test" / "evaluation.json").read_text())
+    ds = load_dataset(from_dict({"data": SYN}).data)
+    probs = []
+    for run in (trained, second):                   # by hand: each rebuilt model's probabilities
+        model, pre, _, _ = load_model(run)
+        with torch.no_grad():
+            probs.append(model(pre(ds.x_test)).softmax(1))
+    mean = (probs[0] + probs[1]) / 2
+    assert ev["n"] == len(ds.y_test)
+    assert ev["accuracy"] == pytest.approx((mean.argmax(1) == ds.y_test).float().mean().item())
+    assert ev["loss"] == pytest.approx(torch.nn.functional.nll_loss(mean.log(), ds.y_test).item(), rel=1e-5)
+    own = {r["run"]: r["accuracy"] for r in ev["runs"]}
+    for run in (trained, second):
+        assert own[str(run)] == pytest.approx(json.loads((run / "results.json").read_text())["test_accuracy"])
+    # Runs of other seeds hold out other validation images: refused, with the way out.
+    val = cli(["evaluate", trained, second, "--split", "val"], tmp_path / "home")
+    assert val.returncode == 2 and "--split val" in val.stderr and "--split test" in val.stderr
+
+
 def test_evaluate_on_data_with_other_classes_names_the_difference(trained, tmp_path):
     other = tmp_path / "other.toml"
     other.write_text('[data]\nsource = "synthetic"\nclasses = [0, 1, 2, 5]\nsynthetic_train = 160\nsynthetic_test = 40\n')

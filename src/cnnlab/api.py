@@ -151,33 +151,56 @@ def logits_of(model: nn.Module, pre: Preprocess, x_uint8: torch.Tensor, device: 
 
 
 def evaluate_run(m: Model, data: str | None, data_dir: str | None, split: str, quiet: bool):
+    ev, folder, _ = evaluate_runs([m], data, data_dir, split, quiet)
+    return ev, folder
+
+
+def evaluate_runs(models: list[Model], data: str | None, data_dir: str | None, split: str, quiet: bool):
+    """Score one model, or the average of several models' predicted probabilities (an ensemble: runs of
+    other seeds or variants with the same classes), on the first run's data or other data with those
+    classes. Returns (Evaluation, the folder it wrote, each model's own accuracy)."""
     from cnnlab.data import load_dataset, split_train_val
     from cnnlab.device import use_bf16
     from cnnlab.evaluation import evaluate_logits, write_evaluation
     from cnnlab.runs import write_json
     if split not in ("test", "val"):
         raise CnnlabError(f"--split {split!r}: choose test or val")
-    cfg, name = eval_data(m.config, data, data_dir)
+    first = models[0]
+    cfg, name = eval_data(first.config, data, data_dir)
+    if split == "val" and len({(m.config.seed, m.config.data.val_fraction, m.config.data.val_split) for m in models}) > 1:
+        raise CnnlabError("--split val with several runs: their validation splits differ (other seeds or "
+                          "val_fraction), so one run's validation images trained another; use --split test")
     ds = load_dataset(cfg.data, quiet=quiet)
-    check_same_classes(m.classes, ds.classes, f"evaluate {m.run_dir}")
-    if ds.x_train.shape[-1] != m.preprocess.image_size:
-        raise DataError(f"evaluate {m.run_dir}: the data's images are {ds.x_train.shape[-1]}px but the model's "
-                        f"pipeline expects {m.preprocess.image_size}px; set [data] image_size = {m.preprocess.image_size}")
     if split == "test":
         x, y = ds.x_test, ds.y_test
     else:
         _, va = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
         x, y = ds.x_train[va], ds.y_train[va]
-    size = m.preprocess.input_size
-    bf16 = use_bf16(cfg.train.precision, m.device, m.model, (16, 3, size, size), train=False)
-    logits = logits_of(m.model, m.preprocess, x, m.device, bf16)
-    ev = evaluate_logits(logits, y.to(m.device), m.classes)
-    folder = m.run_dir / (f"eval-{name}-{split}" if name else f"eval-{split}")
-    write_evaluation(folder, ev, x, title=f"{m.config.name} on {name or 'its own data'} ({split})")
-    write_json(folder / "evaluation.json", {"data": name or "the run's own", "split": split, "weights": m.weights, "n": ev.n,
-                                            "loss": ev.loss, "accuracy": ev.top1, "top5": ev.top5,
-                                            "macro_f1": ev.macro_f1})
-    return ev, folder
+    probs, own = 0, []
+    for m in models:
+        check_same_classes(m.classes, ds.classes, f"evaluate {m.run_dir}")
+        if ds.x_train.shape[-1] != m.preprocess.image_size:
+            raise DataError(f"evaluate {m.run_dir}: the data's images are {ds.x_train.shape[-1]}px but the model's "
+                            f"pipeline expects {m.preprocess.image_size}px; set [data] image_size = {m.preprocess.image_size}")
+        size = m.preprocess.input_size
+        bf16 = use_bf16(cfg.train.precision, m.device, m.model, (16, 3, size, size), train=False)
+        logits = logits_of(m.model, m.preprocess, x, m.device, bf16).to(first.device)
+        own.append((logits.argmax(1).cpu() == y).float().mean().item())
+        probs = probs + logits.softmax(1) / len(models)
+    # An ensemble's "logits": log of the mean probability, so its loss is that of the averaged prediction.
+    scores = logits if len(models) == 1 else probs.clamp_min(1e-12).log()
+    ev = evaluate_logits(scores, y.to(first.device), first.classes)
+    what = f"ensemble{len(models)}-" if len(models) > 1 else ""
+    folder = first.run_dir / (f"eval-{what}{name}-{split}" if name else f"eval-{what}{split}")
+    title = (f"{first.config.name}" if len(models) == 1 else f"ensemble of {len(models)} runs") + \
+        f" on {name or 'its own data'} ({split})"
+    write_evaluation(folder, ev, x, title=title)
+    write_json(folder / "evaluation.json", {"data": name or "the run's own", "split": split, "weights": first.weights,
+                                            "n": ev.n, "loss": ev.loss, "accuracy": ev.top1, "top5": ev.top5,
+                                            "macro_f1": ev.macro_f1,
+                                            **({"runs": [{"run": str(m.run_dir), "weights": m.weights, "accuracy": a}
+                                                         for m, a in zip(models, own)]} if len(models) > 1 else {})})
+    return ev, folder, own
 
 
 # ---------------------------------------------------------------- export

@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("-o", "--output", help="report file (default: FOLDER/report.md)")
 
-    p = sub.add_parser("evaluate", help="re-score a trained run on its own data or other data with the same classes")
-    p.add_argument("run_dir")
+    p = sub.add_parser("evaluate", help="re-score a trained run on its own data or other data with the same classes; "
+                                        "with several runs, score the average of their predictions")
+    p.add_argument("run_dir", nargs="+", help="a run folder; several: an ensemble (the mean of their probabilities)")
     p.add_argument("--weights", default="auto", choices=["auto", "best", "last"],
                    help="auto: what the run reported (best when restored, else last)")
     p.add_argument("--data", metavar="PRESET|FILE", help="data preset or TOML file whose [data] keys replace the run's")
@@ -187,11 +188,15 @@ def cmd_report(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from cnnlab.api import load
-    model = load(_run_folder(a.run_dir).path, a.weights, a.device)
-    ev, folder = model.evaluate(a.data, a.data_dir, a.split, quiet=False)
+    from cnnlab.api import evaluate_runs, load
+    models = [load(_run_folder(d).path, a.weights, a.device) for d in a.run_dir]
+    ev, folder, own = evaluate_runs(models, a.data, a.data_dir, a.split, quiet=False)
+    if len(models) > 1:
+        for m, acc in zip(models, own):
+            print(f"  {m.run_dir}: accuracy {acc:.4f}")
     top5 = f"  top-5 {ev.top5:.4f}" if ev.top5 is not None else ""
-    print(f"{model.config.name} on {a.data or 'its own data'} ({a.split}, {ev.n} images): accuracy {ev.top1:.4f}{top5}"
+    what = models[0].config.name if len(models) == 1 else f"ensemble of {len(models)} runs"
+    print(f"{what} on {a.data or 'its own data'} ({a.split}, {ev.n} images): accuracy {ev.top1:.4f}{top5}"
           f"  macro F1 {ev.macro_f1:.4f}  loss {ev.loss:.4f}")
     from cnnlab.evaluation import most_confused_pairs
     pairs = most_confused_pairs(ev.confusion, ev.classes, 3)
