@@ -62,13 +62,17 @@ def test_every_model_kind_rebuilds_from_its_run_folder(tmp_path, kind):
     assert classes == ds.classes
 
 
+def _small_run(runs_dir: Path, name: str, seed: int = 0) -> Path:
+    """A small BaseNet run (4 classes, 32x32), 3 epochs."""
+    cfg = from_dict({"name": name, "seed": seed, "data": SYN, "model": {"name": "basenet"},
+                     "train": {**TRAIN, "epochs": 3, "normalize": "featurewise"}})
+    return run_experiment(cfg, runs_dir, progress="none").path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One small run shared by the command tests below (4 classes, 32x32)."""
-    tmp = tmp_path_factory.mktemp("use")
-    cfg = from_dict({"name": "use", "data": SYN, "model": {"name": "basenet"},
-                     "train": {**TRAIN, "epochs": 3, "normalize": "featurewise"}})
-    return run_experiment(cfg, tmp / "runs", progress="none").path
+    """One small run shared by the command tests below."""
+    return _small_run(tmp_path_factory.mktemp("use") / "runs", "use")
 
 
 def _images(folder: Path) -> list[Path]:
@@ -121,9 +125,7 @@ def test_evaluate_cli_rescores_and_writes_its_folder(trained, tmp_path):
 
 def test_evaluate_several_runs_scores_the_mean_of_their_probabilities(trained, tmp_path):
     """`cnnlab evaluate RUN1 RUN2`: an ensemble; its loss is that of the averaged probabilities."""
-    cfg = from_dict({"name": "use2", "seed": 1, "data": SYN, "model": {"name": "basenet"},
-                     "train": {**TRAIN, "epochs": 3, "normalize": "featurewise"}})
-    second = run_experiment(cfg, tmp_path / "runs", progress="none").path
+    second = _small_run(tmp_path / "runs", "use2", seed=1)
     proc = cli(["evaluate", trained, second], tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
     assert "ensemble of 2 runs" in proc.stdout and str(second) in proc.stdout

@@ -22,7 +22,7 @@ from cnnlab.data.stream import RowFile, memory_budget, place, rows_of
 from cnnlab.device import resolve_device, use_bf16
 from cnnlab.engine import FitResult, Split, Trainer, fit
 from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
-from cnnlab.models import count_params, init_from_data, summary
+from cnnlab.models import count_params, init_from_data, layers_set_from_data, summary
 from cnnlab.models.build import build_model
 from cnnlab.plots import plot_curves
 from cnnlab.preprocess import Normalizer, Preprocess
@@ -204,7 +204,7 @@ def init_layers_from_data(model: nn.Module, train: Split, normalizer: Normalizer
     """Layers set from the training images before the first step (airnet's patch whitening): from at most `n`
     images spread evenly over the training split (an image folder's records are sorted by class), normalized
     as the network sees them. Deterministic per seed."""
-    if not any(hasattr(m, "init_from_data") for m in model.modules()) or not len(train):
+    if not layers_set_from_data(model) or not len(train):          # no images gathered for nothing
         return
     picks = torch.arange(0, len(train), -(-len(train) // n))
     xb, _ = next(iter(train.batches(picks, [slice(0, len(picks))])))

@@ -114,9 +114,15 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return "\n".join(out)
 
 
+def layers_set_from_data(model: nn.Module) -> list[nn.Module]:
+    """The layers that are set from training images before the first step: those with `init_from_data(x)`
+    (airnet's PatchWhitening)."""
+    return [m for m in model.modules() if hasattr(m, "init_from_data")]
+
+
 def init_from_data(model: nn.Module, x: torch.Tensor) -> bool:
-    """Call `init_from_data(x)` on every layer that has one (airnet's PatchWhitening); True when any did."""
-    layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    """Call `init_from_data(x)` on every layer that has one; True when any did."""
+    layers = layers_set_from_data(model)
     for m in layers:
         m.init_from_data(x)
     return bool(layers)
