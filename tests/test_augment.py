@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Augmenter, cutout, hflip, random_crop, zoom
+from cnnlab.augment import Augmenter, cutout, hflip, random_crop, resize, train_side, zoom
 from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, DataConfig
 from cnnlab.data import Dataset, split_train_val
@@ -169,6 +169,40 @@ def test_augmenter_applies_the_config():
     assert aug.active and Augmenter(AugmentConfig(cutout=4)).active
     out = aug(x, gen(0))
     assert out.shape == x.shape and not torch.equal(out, x)
+
+
+# ---------------------------------------------------------------- progressive resizing
+
+def test_progressive_side_grows_linearly_in_multiples_of_8_to_full_size():
+    cfg = AugmentConfig(resize_from=16, resize_until=25)
+    assert [train_side(cfg, e, 32) for e in range(40)] == [16] * 12 + [24] * 12 + [32] * 16
+    # Large images: every step a multiple of 8, full size from epoch resize_until (1-based) on.
+    sides = [train_side(AugmentConfig(resize_from=128, resize_until=5), e, 224) for e in range(6)]
+    assert sides == [128, 152, 176, 200, 224, 224]
+    assert all(train_side(AugmentConfig(), e, 32) == 32 for e in range(5))                 # off
+    assert train_side(AugmentConfig(resize_from=48, resize_until=5), 0, 32) == 32          # never enlarges
+
+
+def test_resize_averages_instead_of_aliasing():
+    """Shrinking a 1-pixel checkerboard (+-1) to 24 px: antialiased, each pixel is close to its mean 0; sampled
+    without antialiasing it keeps stripes of +-0.44 (moire). A constant image stays that constant."""
+    board = ((torch.arange(32).view(1, -1) + torch.arange(32).view(-1, 1)) % 2 * 2.0 - 1.0).expand(2, 3, 32, 32)
+    small = resize(board, 24)
+    assert small.shape == (2, 3, 24, 24)
+    assert small[..., 1:-1, 1:-1].abs().max() < 0.1                                   # inside the border
+    assert F.interpolate(board, size=24, mode="bilinear").abs().max() > 0.4          # what aliasing looks like
+    torch.testing.assert_close(resize(torch.full((1, 3, 32, 32), 0.7), 16), torch.full((1, 3, 16, 16), 0.7))
+
+
+def test_progressive_resizing_needs_the_epoch_it_ends():
+    from cnnlab.config import from_dict
+    from cnnlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="resize_until"):
+        from_dict({"augment": {"resize_from": 16}})
+    with pytest.raises(ConfigError, match="resize_from"):
+        from_dict({"augment": {"resize_from": -8, "resize_until": 3}})
+    with pytest.raises(ConfigError, match="resize_from.*frozen-backbone"):
+        from_dict({"augment": {"resize_from": 16, "resize_until": 3}, "train": {"freeze_backbone": True}})
 
 
 # ---------------------------------------------------------------- normalization

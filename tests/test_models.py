@@ -185,3 +185,66 @@ def test_airnet_shapes_any_image_size_and_checks_its_widths():
     assert not isinstance(plain[0], PatchWhitening) and plain[0].weight.requires_grad
     with pytest.raises(ConfigError, match="widths"):
         create_model("airnet", 7, widths=[8, 0])
+
+
+def _member(grouped: nn.Module, standalone: nn.Module, k: int) -> None:
+    """Copy member k of an airnet with `members` into a plain airnet of the same widths: every tensor of the
+    plain net is the k-th slice (along its first dimension) of the grouped one's; the stem is shared."""
+    src = grouped.state_dict()
+    for name, t in standalone.state_dict().items():
+        g = src[name]
+        if g.shape == t.shape:                      # the shared stem, counters
+            t.copy_(g)
+        elif g.ndim == t.ndim + 1:                  # the heads: (members, K, C)
+            t.copy_(g[k])
+        else:
+            t.copy_(g[k * len(t):(k + 1) * len(t)])
+
+
+def test_airnet_members_are_independent_networks_trained_side_by_side():
+    """Each member of `members = 3` computes what a plain airnet with its weights computes, and gets the
+    gradient that net would get from its own loss; evaluation predicts the members' mean probability."""
+    from cnnlab.engine import batch_loss
+    torch.manual_seed(0)
+    grouped = create_model("airnet", 5, widths=[6, 10, 12], members=3)
+    init_from_data(grouped, _correlated_images())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    out = grouped(x)                                              # training mode: (N, members, K)
+    assert out.shape == (8, 3, 5)
+    total, reported, pred = batch_loss(out, y, 0.1)
+    total.backward()
+    alone = []
+    for k in range(3):
+        plain = create_model("airnet", 5, widths=[6, 10, 12])
+        with torch.no_grad():
+            _member(grouped, plain, k)
+        logits = plain(x)
+        torch.testing.assert_close(out[:, k], logits, rtol=1e-4, atol=1e-5)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=0.1, reduction="sum")
+        loss.backward()
+        alone.append(loss.detach())
+        # Member k's gradients are the plain net's (the stem bias is shared: it gets the members' sum).
+        g = create_model("airnet", 5, widths=[6, 10, 12])
+        grads = {n: p.grad for n, p in grouped.named_parameters() if not n.startswith("0.")}
+        mine = dict(g.named_parameters())
+        with torch.no_grad():
+            for n, p in grads.items():
+                mine[n].copy_(p[k] if p.ndim == mine[n].ndim + 1 else p[k * len(mine[n]):(k + 1) * len(mine[n])])
+        for n, p in plain.named_parameters():
+            if not n.startswith("0."):
+                torch.testing.assert_close(mine[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
+    torch.testing.assert_close(total, sum(alone))
+    torch.testing.assert_close(reported, sum(alone) / 3)
+    torch.testing.assert_close(pred, out.detach().softmax(-1).mean(1))
+    grouped.eval()
+    with torch.no_grad():
+        ens = grouped(x)
+    probs = []
+    for k in range(3):
+        plain = create_model("airnet", 5, widths=[6, 10, 12])
+        with torch.no_grad():
+            _member(grouped, plain, k)
+            probs.append(plain.eval()(x).softmax(-1))
+    torch.testing.assert_close(ens.exp(), torch.stack(probs).mean(0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="members"):
+        create_model("airnet", 5, members=0)

@@ -327,6 +327,31 @@ def test_training_and_evaluation_views_have_the_networks_input_size():
         assert tr._prepare(x, train=False).shape[-2:] == (40, 40), aug
 
 
+def test_progressive_resizing_trains_small_first_and_always_evaluates_at_full_size():
+    """The network sees 16, then 24, then 32 px images in training; validation and test are always 32 px."""
+    from cnnlab.augment import Augmenter
+    from cnnlab.config import AugmentConfig
+    from cnnlab.engine import Batches, Trainer, fit
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append((self.training, x.shape[-1]))
+            return x
+    model = nn.Sequential(Record(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(0)
+    data = Batches(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 2, (8,), generator=g))
+    aug = Augmenter(AugmentConfig(hflip=True, resize_from=16, resize_until=3))
+    tr = Trainer(model, TrainConfig(precision="fp32", epochs=4, batch_size=4), torch.device("cpu"), 0, augmenter=aug)
+    fit(tr, data, data)
+    train_sides = [side for training, side in seen if training]
+    assert train_sides == [16, 16, 24, 24, 32, 32, 32, 32]          # 2 batches an epoch
+    assert {side for training, side in seen if not training} == {32}
+    seen.clear()
+    tr.evaluate(data, tta=True)
+    assert seen and all(side == 32 for _, side in seen)
+
+
 def test_random_resized_crop_with_zoom_or_padding_is_refused():
     from cnnlab.errors import ConfigError
     for extra in ({"zoom": 0.2}, {"crop_padding": 4}):

@@ -29,6 +29,7 @@ KINDS = {
                     "train": {**TRAIN, "epochs": 1}},
     "custom": {"data": SYN, "model": {"name": "test_transfer:tiny_backbone", "weights": "none", "input_size": 40},
                "train": TRAIN},
+    "members": {"data": SYN, "model": {"name": "airnet", "args": {"widths": [8, 8], "members": 2}}, "train": TRAIN},
     "frozen": {"data": {**SYN, "image_size": 40}, "model": {"name": "test_resnet", "weights": "none", "head": [8],
                                                             "input_size": 32},
                "train": {**TRAIN, "freeze_backbone": True, "epochs": 3}},

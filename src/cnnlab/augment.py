@@ -89,6 +89,22 @@ def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def train_side(cfg: AugmentConfig, epoch: int, full: int) -> int:
+    """Progressive resizing: the side of the training images at `epoch` (0-based) when their full side is
+    `full`: resize_from at the first epoch, growing linearly to `full` at epoch resize_until (1-based), rounded
+    down to a multiple of 8 pixels (never below resize_from), full size from then on."""
+    if not cfg.resize_from or cfg.resize_from >= full or epoch + 1 >= cfg.resize_until:
+        return full
+    side = cfg.resize_from + (full - cfg.resize_from) * epoch / max(1, cfg.resize_until - 1)
+    return min(full, max(cfg.resize_from, int(side) // 8 * 8))
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """A float batch shrunk to side x side: bilinear with antialiasing (a box-like filter when shrinking, so
+    small images keep what the full-size ones show instead of aliasing)."""
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+
 class Augmenter:
     """The training-time transform of a config's [augment] table, applied to a float batch."""
 

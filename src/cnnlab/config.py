@@ -157,6 +157,12 @@ class AugmentConfig:
     # per-epoch validation (the bare network: no extra passes each epoch). Costs 2x / 6x the forward passes.
     test_flip: bool = False
     test_shift: int = 0
+    # Progressive resizing (fast.ai, FFCV): the first epochs train on smaller images, a step costing about
+    # (side / full side)^2 of a full-size one, so more epochs fit in the same time. The side grows linearly
+    # from resize_from pixels at the first epoch to the full size at epoch resize_until (1-based; from then
+    # on full size), in multiples of 8 pixels. Evaluation, validation included, is always at full size.
+    resize_from: int = 0              # 0 = off
+    resize_until: int = 0
 
     def check(self, w: str) -> None:
         _check(0.0 <= self.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {self.zoom}")
@@ -165,6 +171,9 @@ class AugmentConfig:
         _check(0 <= self.test_shift <= 8, w, "test_shift", f"must be a pixel count from 0 to 8; got {self.test_shift}")
         _check(0.0 < self.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")
         _check(0.0 < self.eval_crop <= 1.0, w, "eval_crop", "must be in (0, 1]")
+        _check(self.resize_from >= 0, w, "resize_from", f"must be a side in pixels, >= 0 (0 = off); got {self.resize_from}")
+        _check(not self.resize_from or self.resize_until >= 1, w, "resize_until",
+               f"must be the epoch (>= 1) by which training reaches full size when resize_from is set; got {self.resize_until}")
 
 
 @dataclass
@@ -278,6 +287,9 @@ class Config:
             raise ConfigError(f"{where}: [augment] {key} does not apply to frozen-backbone runs, which are "
                               f"scored on cached features; use [model] flip_average = true (both views' features "
                               f"averaged, in training and at test time)")
+        if self.augment.resize_from and self.train.freeze_backbone:
+            raise ConfigError(f"{where}: [augment] resize_from (progressive resizing) does not apply to frozen-backbone "
+                              f"runs, which train the head on features extracted once at full size; remove it")
         if keys and not self.train.freeze_backbone:
             raise ConfigError(f"{where}: {' and '.join(keys)} {'needs' if len(keys) == 1 else 'need'} [train] "
                               f"freeze_backbone = true: the frozen-feature recipe works on the backbone's cached "

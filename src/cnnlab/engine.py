@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab import distributed, threads
-from cnnlab.augment import Augmenter
+from cnnlab.augment import Augmenter, resize, train_side
 from cnnlab.callbacks import Callback
 from cnnlab.config import TrainConfig
 from cnnlab.data.stream import Batches, Streamed
@@ -85,6 +85,23 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     return max(0.0, 1.0 - t)
+
+
+# ---------------------------------------------------------------- the loss
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, ...]:
+    """(summed loss to train on, summed loss to report, what predicts) for a batch's logits.
+
+    Logits (N, M, K) are M networks trained side by side (airnet's `members`): the loss trained on is the sum
+    of the members' own losses, so each member's gradient is the one it would get alone; the loss reported is
+    their mean, comparable with a single network's; the prediction is their mean probability."""
+    if logits.ndim == 3:
+        m = logits.shape[1]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), y.repeat_interleave(m),
+                                label_smoothing=label_smoothing, reduction="sum")
+        return total, total.detach() / m, logits.detach().float().softmax(-1).mean(1)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+    return loss, loss.detach(), logits.detach()
 
 
 # ---------------------------------------------------------------- the trainer
@@ -171,6 +188,9 @@ class Trainer:
                 xb = self.augmenter(xb, self.aug_gen, draw)
             if self.image_size and xb.shape[-1] != self.image_size:
                 xb = center_crop(xb, self.eval_crop, self.image_size)
+            if train and self.augmenter is not None:
+                side = train_side(self.augmenter.cfg, self.epoch, xb.shape[-1])
+                xb = resize(xb, side) if side < xb.shape[-1] else xb
         if xb.ndim == 4:
             xb = xb.contiguous(memory_format=self.memory_format)
         return xb
@@ -202,16 +222,16 @@ class Trainer:
             xb = self._prepare(xb, train=True, draw=(sizes[i], parts[i]))
             with autocast(self.device, self.bf16):
                 logits = model(xb)
-            loss_sum_b = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum")
-            loss = loss_sum_b * (world / sizes[i])
+            train_sum, loss_sum_b, pred = batch_loss(logits, yb, cfg.label_smoothing)
+            loss = train_sum * (world / sizes[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             self.step += 1
             loss_sum += loss_sum_b.detach()
-            correct += (logits.detach().argmax(1) == yb).sum()
+            correct += (pred.argmax(1) == yb).sum()
             for c in batch_hooks:
-                c.on_batch_end(self, sizes[i], loss.detach())
+                c.on_batch_end(self, sizes[i], loss_sum_b * (world / sizes[i]))     # the reported loss
             threads.on_step()          # a clock read; every few seconds, follows the machine's load
         # One host sync per epoch (plus one all_reduce under DDP).
         distributed.all_reduce_sum(loss_sum, correct)

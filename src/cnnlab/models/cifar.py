@@ -10,6 +10,8 @@ them as buffers. `keras_param_count` adds them back so the numbers match Keras's
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -79,8 +81,8 @@ def deepnet_bn_post(num_classes: int = 25) -> nn.Module:
     return _deep(num_classes, "post")
 
 
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+def _conv_bn(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, groups=groups), nn.BatchNorm2d(cout), nn.GELU())
 
 
 class _Residual(nn.Module):
@@ -142,26 +144,57 @@ class PatchWhitening(nn.Conv2d):
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
 
 
-def _air_block(cin: int, cout: int) -> nn.Sequential:
-    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU: the second convolution runs at the pooled size."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout),
-                         nn.GELU(), _conv_bn(cout, cout))
+def _air_block(cin: int, cout: int, groups: int = 1, members: int = 1) -> nn.Sequential:
+    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU: the second convolution runs at the pooled size.
+    `members` networks side by side: the second convolution in `members` groups, the first in `groups` (1
+    where every member reads the same input)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, groups=groups), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(cout), nn.GELU(), _conv_bn(cout, cout, members))
+
+
+class MemberHeads(nn.Module):
+    """The classifiers of `members` networks trained side by side in one (see airnet's `members`).
+
+    Training mode: (N, members, K) logits, one set per member; the training loss is the sum of the members'
+    own losses, so each member learns as if alone (engine.member_loss). Evaluation mode: the log of the
+    members' mean probability, (N, K): the ensemble's prediction, which every scorer reads as logits."""
+
+    def __init__(self, members: int, features: int, num_classes: int):
+        super().__init__()
+        self.members = members
+        bound = features ** -0.5                        # nn.Linear's default initialization, per member
+        self.weight = nn.Parameter(torch.empty(members, num_classes, features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("ngc,gkc->ngk", x.view(len(x), self.members, -1), self.weight)
+        if self.training:
+            return z
+        return torch.logsumexp(z.float().log_softmax(-1), dim=1) - math.log(self.members)
 
 
 @register_model
-def airnet(num_classes: int = 10, widths: tuple[int, ...] = (48, 128, 192), whiten: bool = True) -> nn.Module:
+def airnet(num_classes: int = 10, widths: tuple[int, ...] = (48, 128, 192), whiten: bool = True,
+           members: int = 1) -> nn.Module:
     """airbench's net (Keller Jordan) scaled for a CPU: patch-whitening stem, a conv-pool-conv block per width.
 
     The stem is set from the training images before the first step (see PatchWhitening); `whiten = false`
     makes it an ordinary trained 2x2 convolution. The `best` recipe uses widths 32/96/160: on cifar10s (seed 0)
-    they scored 0.836 against 0.837 for these wider defaults, in 660 s against 1,046 s (benchmarks/README.md)."""
+    they scored 0.836 against 0.837 for these wider defaults, in 660 s against 1,046 s (benchmarks/README.md).
+
+    `members = M` trains M such networks (each of `widths`) side by side as one: they share the frozen stem
+    and every batch, each has its own weights (grouped convolutions), its own initialization and its own
+    loss, and the model predicts their mean probability, an ensemble in one run (see MemberHeads)."""
     if len(widths) < 1 or any(int(w) < 1 for w in widths):
         raise ValueError(f"widths must be a list of positive channel counts, got {widths!r}")
+    if int(members) < 1:
+        raise ValueError(f"members must be >= 1, got {members!r}")
+    m = int(members)
     stem = PatchWhitening(3) if whiten else nn.Conv2d(3, 24, 2, padding=0)
-    layers, cin = [stem, nn.GELU()], stem.out_channels
+    # The first convolution is not grouped: every member reads the whole (shared) stem output.
+    layers, cin, groups = [stem, nn.GELU()], stem.out_channels, 1
     for w in widths:
-        layers.append(_air_block(cin, int(w)))
-        cin = int(w)
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes, bias=False)]
+        layers.append(_air_block(cin, m * int(w), groups, m))
+        cin, groups = m * int(w), m
+    head = nn.Linear(cin, num_classes, bias=False) if m == 1 else MemberHeads(m, int(widths[-1]), num_classes)
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), head]
     return nn.Sequential(*layers)
-
