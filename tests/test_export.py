@@ -220,3 +220,22 @@ def test_test_time_views_travel_into_the_exported_file(tmp_path, fmt):
         got = torch.jit.load(str(path))(x)
     torch.testing.assert_close(got, reference(model, x), rtol=0, atol=EXPORT_TOLERANCE)
     assert not torch.allclose(reference(model, x), reference(model.net, x), atol=1e-4)   # the views count
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_ensemble_in_one_network_exports_at_any_batch_size(tmp_path, fmt):
+    """airnet with members = 2 predicts its members' mean probability; the file does the same at batch
+    sizes other than the traced one (its heads split the features by member, never by batch size)."""
+    from cnnlab.models import create_model
+    torch.manual_seed(0)
+    model = create_model("airnet", len(CLASSES), widths=[4, 6], members=2).eval()
+    path, diff = export_model(model, PRE, CLASSES, fmt, tmp_path / f"model.{fmt}", sample(8))
+    assert 0 <= diff < EXPORT_TOLERANCE
+    x = sample(3, seed=3)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    else:
+        got = torch.jit.load(str(path))(x)
+    torch.testing.assert_close(got, reference(model, x), rtol=0, atol=EXPORT_TOLERANCE)

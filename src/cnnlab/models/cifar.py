@@ -156,7 +156,7 @@ class MemberHeads(nn.Module):
     """The classifiers of `members` networks trained side by side in one (see airnet's `members`).
 
     Training mode: (N, members, K) logits, one set per member; the training loss is the sum of the members'
-    own losses, so each member learns as if alone (engine.member_loss). Evaluation mode: the log of the
+    own losses, so each member learns as if alone (engine.batch_loss). Evaluation mode: the log of the
     members' mean probability, (N, K): the ensemble's prediction, which every scorer reads as logits."""
 
     def __init__(self, members: int, features: int, num_classes: int):
@@ -166,7 +166,7 @@ class MemberHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(members, num_classes, features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.einsum("ngc,gkc->ngk", x.view(len(x), self.members, -1), self.weight)
+        z = torch.einsum("ngc,gkc->ngk", x.unflatten(1, (self.members, -1)), self.weight)     # no batch size: exportable
         if self.training:
             return z
         return torch.logsumexp(z.float().log_softmax(-1), dim=1) - math.log(self.members)
@@ -181,14 +181,15 @@ def airnet(num_classes: int = 10, widths: tuple[int, ...] = (48, 128, 192), whit
     makes it an ordinary trained 2x2 convolution. The `best` recipe uses widths 32/96/160: on cifar10s (seed 0)
     they scored 0.836 against 0.837 for these wider defaults, in 660 s against 1,046 s (benchmarks/README.md).
 
-    `members = M` trains M such networks (each of `widths`) side by side as one: they share the frozen stem
-    and every batch, each has its own weights (grouped convolutions), its own initialization and its own
-    loss, and the model predicts their mean probability, an ensemble in one run (see MemberHeads)."""
+    `members = M` trains M such networks (each of `widths`) side by side as one: they share the stem (its
+    whitening filters are frozen; its bias trains on the sum of their losses) and every batch, each has its
+    own weights (grouped convolutions), initialization and loss, and the model predicts their mean
+    probability: an ensemble in one run (see MemberHeads)."""
     if len(widths) < 1 or any(int(w) < 1 for w in widths):
         raise ValueError(f"widths must be a list of positive channel counts, got {widths!r}")
-    if int(members) < 1:
-        raise ValueError(f"members must be >= 1, got {members!r}")
     m = int(members)
+    if m < 1:
+        raise ValueError(f"members must be >= 1, got {members!r}")
     stem = PatchWhitening(3) if whiten else nn.Conv2d(3, 24, 2, padding=0)
     # The first convolution is not grouped: every member reads the whole (shared) stem output.
     layers, cin, groups = [stem, nn.GELU()], stem.out_channels, 1
