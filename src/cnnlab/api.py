@@ -162,6 +162,7 @@ def evaluate_runs(models: list[Model], data: str | None, data_dir: str | None, s
     from cnnlab.data import load_dataset, split_train_val
     from cnnlab.device import use_bf16
     from cnnlab.evaluation import evaluate_logits, write_evaluation
+    from cnnlab.models import mean_probability_logits
     from cnnlab.runs import write_json
     if split not in ("test", "val"):
         raise CnnlabError(f"--split {split!r}: choose test or val")
@@ -176,7 +177,7 @@ def evaluate_runs(models: list[Model], data: str | None, data_dir: str | None, s
     else:
         _, va = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
         x, y = ds.x_train[va], ds.y_train[va]
-    probs, own = 0, []
+    per_model, own = [], []
     for m in models:
         check_same_classes(m.classes, ds.classes, f"evaluate {m.run_dir}")
         if ds.x_train.shape[-1] != m.preprocess.image_size:
@@ -186,9 +187,8 @@ def evaluate_runs(models: list[Model], data: str | None, data_dir: str | None, s
         bf16 = use_bf16(cfg.train.precision, m.device, m.model, (16, 3, size, size), train=False)
         logits = logits_of(m.model, m.preprocess, x, m.device, bf16).to(first.device)
         own.append((logits.argmax(1).cpu() == y).float().mean().item())
-        probs = probs + logits.softmax(1) / len(models)
-    # An ensemble's "logits": log of the mean probability, so its loss is that of the averaged prediction.
-    scores = logits if len(models) == 1 else probs.clamp_min(1e-12).log()
+        per_model.append(logits)
+    scores = logits if len(models) == 1 else mean_probability_logits(torch.stack(per_model, 1), dim=1)
     ev = evaluate_logits(scores, y.to(first.device), first.classes)
     what = f"ensemble{len(models)}-" if len(models) > 1 else ""
     folder = first.run_dir / (f"eval-{what}{name}-{split}" if name else f"eval-{what}{split}")

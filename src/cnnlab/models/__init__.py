@@ -6,6 +6,7 @@ as backbones (timm, torchvision, or `package.module:function`) in `cnnlab.models
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -112,6 +113,12 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     out += ["=" * (w + 36), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
             f"Non-trainable params: {total - trainable:,}", line]
     return "\n".join(out)
+
+
+def mean_probability_logits(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """An ensemble's scores: the log of its members' mean probability (members along `dim`). Read as logits,
+    they give the averaged prediction's argmax and its cross-entropy (not the average of the members')."""
+    return torch.logsumexp(logits.float().log_softmax(-1), dim=dim) - math.log(logits.shape[dim])
 
 
 def layers_set_from_data(model: nn.Module) -> list[nn.Module]:

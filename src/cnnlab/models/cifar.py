@@ -10,12 +10,10 @@ them as buffers. `keras_param_count` adds them back so the numbers match Keras's
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from cnnlab.models import keras_init_, register_model
+from cnnlab.models import keras_init_, mean_probability_logits, register_model
 
 
 def keras_batchnorm(n: int, dims: int = 2) -> nn.Module:
@@ -169,7 +167,7 @@ class MemberHeads(nn.Module):
         z = torch.einsum("ngc,gkc->ngk", x.unflatten(1, (self.members, -1)), self.weight)     # no batch size: exportable
         if self.training:
             return z
-        return torch.logsumexp(z.float().log_softmax(-1), dim=1) - math.log(self.members)
+        return mean_probability_logits(z, dim=1)
 
 
 @register_model
