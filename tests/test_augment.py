@@ -42,6 +42,19 @@ def test_hflip_rate_and_seed():
     assert not torch.equal(a, hflip(x, gen(4)))
 
 
+def test_given_flips_mirror_exactly_those_images_with_or_without_random_resized_crop():
+    """alternate_flip passes the flips in: plain flip and the flip folded into random_resized_crop obey them."""
+    x = torch.rand(6, 3, 8, 8, generator=gen(2))
+    mask = torch.tensor([True, False, False, True, True, False])
+    want = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+    assert torch.equal(hflip(x, gen(1), flip=mask), want)
+    # the same crops (same draws), mirrored where the mask says: a mirrored crop is the crop of the mirror
+    rrc = Augmenter(AugmentConfig(random_resized_crop=True, rrc_min_scale=0.3, hflip=True, alternate_flip=True))
+    crops = rrc(x, gen(1), flip=torch.zeros(6, dtype=torch.bool))
+    assert torch.allclose(rrc(x, gen(1), flip=mask), torch.where(mask.view(-1, 1, 1, 1), crops.flip(3), crops), atol=1e-5)
+    assert not torch.allclose(crops, x)
+
+
 # ---------------------------------------------------------------- zoom
 
 def _probe_images(n: int, size: int = 33) -> torch.Tensor:

@@ -230,6 +230,30 @@ def _schedule_and_resume(tmp_path):
     assert resumed.results.test_accuracy == out.results.test_accuracy
 
 
+def test_alternating_flips_resume_exactly(tmp_path, monkeypatch):
+    """The alternating flips come from the seed and the epoch, the order from the saved generator: a run
+    interrupted after epoch 2 and resumed trains exactly as the uninterrupted one."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = {"name": "alt", "data": {"source": "synthetic", "classes": 3, "image_size": 16, "synthetic_train": 96,
+                                    "synthetic_test": 24},
+            "model": {"name": "airnet", "args": {"widths": [6, 8]}},
+            "train": {"optimizer": "sgd", "lr": 0.05, "epochs": 4, "batch_size": 8, "precision": "fp32"},
+            "augment": {"hflip": True, "alternate_flip": True, "crop_padding": 2}}
+    try:
+        out = run_experiment(from_dict(base), tmp_path / "runs", progress="none")
+        from cnnlab.errors import RunInterrupted
+        with pytest.raises(RunInterrupted) as e:
+            run_experiment(from_dict(base), tmp_path / "killed", progress="none", callbacks=[_InterruptAfter(2)])
+        resumed = run_experiment(from_dict(base), tmp_path / "killed", progress="none", resume=RunFolder(Path(str(e.value))))
+    finally:
+        torch.set_num_threads(threads_before)
+    strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
+    assert len(out.history) == 4 and strip(resumed.history) == strip(out.history)
+    assert resumed.results.test_accuracy == out.results.test_accuracy
+
+
 class _InterruptAfter(Callback):
     def __init__(self, epoch: int):
         self.epoch = epoch
@@ -350,6 +374,47 @@ def test_progressive_resizing_trains_small_first_and_always_evaluates_at_full_si
     seen.clear()
     tr.evaluate(data, tta=True)
     assert seen and all(side == 32 for _, side in seen)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    """airbench's alternating flip: a seed-fixed half mirrored in even epochs, the other half in odd ones."""
+    from cnnlab.augment import Augmenter
+    from cnnlab.config import AugmentConfig
+    from cnnlab.engine import Batches, Trainer, fit
+    seen = []
+
+    class Record(nn.Module):
+        """Image i holds the pixels (2i, 2i + 1): it is mirrored when the left one is the larger."""
+        def forward(self, x):
+            if self.training:
+                px = (x.flatten(1) * 255).round().long()
+                seen.extend(zip((px.min(1).values // 2).tolist(), (px[:, 0] > px[:, 1]).tolist()))
+            return x
+    n = 40
+    x = torch.stack([torch.arange(n) * 2, torch.arange(n) * 2 + 1], 1).to(torch.uint8).view(n, 1, 1, 2)
+    data = Batches(x, torch.zeros(n, dtype=torch.long))
+
+    def flips(seed, epochs=4, alternate=True):
+        seen.clear()
+        aug = Augmenter(AugmentConfig(hflip=True, alternate_flip=alternate))
+        model = nn.Sequential(Record(), nn.Flatten(), nn.Linear(2, 2))
+        tr = Trainer(model, TrainConfig(precision="fp32", epochs=epochs, batch_size=16), torch.device("cpu"), seed, augmenter=aug)
+        fit(tr, data, Batches(x[:0], torch.zeros(0, dtype=torch.long)))
+        per_epoch = [dict(seen[e * n:(e + 1) * n]) for e in range(epochs)]
+        assert all(sorted(d) == list(range(n)) for d in per_epoch)          # each image once an epoch
+        return torch.tensor([[d[i] for i in range(n)] for d in per_epoch])
+    f = flips(0)
+    assert 10 < int(f[0].sum()) < 30                                        # about half, at random
+    assert torch.equal(f[1], ~f[0]) and torch.equal(f[2], f[0]) and torch.equal(f[3], ~f[0])
+    assert torch.equal(flips(0), f) and not torch.equal(flips(1)[0], f[0])  # the seed fixes the half
+    plain = flips(0, alternate=False)                                      # random flips do not alternate
+    assert not torch.equal(plain[1], ~plain[0])
+
+
+def test_alternate_flip_needs_hflip():
+    from cnnlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="alternate_flip"):
+        from_dict({"augment": {"alternate_flip": True}})
 
 
 def test_random_resized_crop_with_zoom_or_padding_is_refused():

@@ -24,9 +24,19 @@ from cnnlab.config import AugmentConfig
 Draw = tuple[int, slice]        # (global batch size, the part of it this batch holds)
 
 
-def hflip(x: torch.Tensor, gen: torch.Generator, n_draw: int | None = None, part: slice = slice(None)) -> torch.Tensor:
-    flip = (torch.rand(n_draw or len(x), generator=gen, device=gen.device) < 0.5)[part]
+def hflip(x: torch.Tensor, gen: torch.Generator, n_draw: int | None = None, part: slice = slice(None),
+          flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image mirrored with probability 0.5; `flip` (bool, one per image): mirror exactly those instead."""
+    if flip is None:
+        flip = (torch.rand(n_draw or len(x), generator=gen, device=gen.device) < 0.5)[part]
     return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def alternating_flips(base: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's derandomized flip: `base` is a fixed random half of the images (bool, one per image); they
+    are mirrored in even epochs (0-based) and the other half in odd ones, so every image is seen both ways in
+    any two consecutive epochs, where random flips show about half of them the same way twice."""
+    return base ^ bool(epoch % 2)
 
 
 def zoom(x: torch.Tensor, z: float, gen: torch.Generator, n_draw: int | None = None,
@@ -68,9 +78,11 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator, n_draw: int | None 
 
 
 def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.Generator,
-                        flip: bool = False, n_draw: int | None = None, part: slice = slice(None)) -> torch.Tensor:
+                        flip: bool = False, n_draw: int | None = None, part: slice = slice(None),
+                        flip_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Inception-style crop (area in [min_scale, 1], aspect in [3/4, 4/3]) resized to out x out, batched,
-    with an optional random horizontal flip folded into the same affine sample."""
+    with an optional random horizontal flip folded into the same affine sample (`flip_mask`: mirror exactly
+    the images it marks, this part's, instead of drawing)."""
     n = n_draw or len(x)
     dev = gen.device
     area = torch.empty(n, device=dev).uniform_(min_scale, 1.0, generator=gen)
@@ -85,6 +97,8 @@ def random_resized_crop(x: torch.Tensor, out: int, min_scale: float, gen: torch.
     theta[:, 0, 0], theta[:, 0, 2] = sw * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = sh, cy
     theta = theta[part].to(device=x.device, dtype=x.dtype)
+    if flip_mask is not None:
+        theta[:, 0, 0] = theta[:, 0, 0].abs() * torch.where(flip_mask.to(x.device), -1.0, 1.0).to(theta.dtype)
     grid = F.affine_grid(theta, [len(x), x.shape[1], out, out], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -117,19 +131,21 @@ class Augmenter:
         c = self.cfg
         return bool(c.zoom or c.hflip or c.crop_padding or c.random_resized_crop or c.cutout)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, draw: Draw | None = None) -> torch.Tensor:
-        """`draw`: (global batch size, x's part of it) when x is one process's shard; None: x is the batch."""
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, draw: Draw | None = None,
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
+        """`draw`: (global batch size, x's part of it) when x is one process's shard; None: x is the batch.
+        `flip`: which images of x to mirror (alternating flips), instead of drawing at random."""
         c = self.cfg
         n, part = draw or (len(x), slice(None))
         if c.random_resized_crop:
-            x = random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, c.hflip, n, part)
+            x = random_resized_crop(x, self.out_size or x.shape[-1], c.rrc_min_scale, gen, c.hflip, n, part, flip)
             return cutout(x, c.cutout, gen, n, part) if c.cutout else x
         if c.crop_padding:
             x = random_crop(x, c.crop_padding, gen, n, part)
         if c.zoom:
             x = zoom(x, c.zoom, gen, n, part)
         if c.hflip:
-            x = hflip(x, gen, n, part)
+            x = hflip(x, gen, n, part, flip)
         if c.cutout:
             x = cutout(x, c.cutout, gen, n, part)
         return x

@@ -146,6 +146,9 @@ class TrainConfig:
 class AugmentConfig:
     zoom: float = 0.0                 # Keras zoom_range: x and y zoom drawn independently in [1-z, 1+z]
     hflip: bool = False               # random horizontal flip, p = 0.5
+    # airbench's alternating flip (with hflip): a random half of the training images (fixed by the seed) is
+    # mirrored in even epochs, the other half in odd ones, instead of a fresh coin per image and epoch.
+    alternate_flip: bool = False
     crop_padding: int = 0             # random crop after reflect padding (0 = off)
     cutout: int = 0                   # side of a square zeroed at a random place in each image (0 = off)
     random_resized_crop: bool = False  # Inception-style crop (scale rrc_min_scale..1) for large images
@@ -167,6 +170,8 @@ class AugmentConfig:
     def check(self, w: str) -> None:
         _check(0.0 <= self.zoom < 1.0, w, "zoom", f"must be in [0, 1); got {self.zoom}")
         _check(self.crop_padding >= 0, w, "crop_padding", "must be >= 0")
+        _check(self.hflip or not self.alternate_flip, w, "alternate_flip", "needs hflip = true (it decides how "
+               "images are flipped, not whether)")
         _check(self.cutout >= 0, w, "cutout", f"must be a side in pixels, >= 0; got {self.cutout}")
         _check(0 <= self.test_shift <= 8, w, "test_shift", f"must be a pixel count from 0 to 8; got {self.test_shift}")
         _check(0.0 < self.rrc_min_scale <= 1.0, w, "rrc_min_scale", "must be in (0, 1]")

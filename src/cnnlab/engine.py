@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab import distributed, threads
-from cnnlab.augment import Augmenter, resize, train_side
+from cnnlab.augment import Augmenter, alternating_flips, resize, train_side
 from cnnlab.callbacks import Callback
 from cnnlab.config import TrainConfig
 from cnnlab.data.stream import Batches, Streamed
@@ -179,13 +179,15 @@ class Trainer:
             shape = (min(self.cfg.batch_size, 16), *sample.shape[1:])
             self.bf16 = use_bf16(self.cfg.precision, self.device, self.model, shape, train=True)
 
-    def _prepare(self, xb: torch.Tensor, train: bool, draw: tuple[int, slice] | None = None) -> torch.Tensor:
+    def _prepare(self, xb: torch.Tensor, train: bool, draw: tuple[int, slice] | None = None,
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 -> network input. `draw`: (global batch size, this rank's part of it): the augmentation
-        draws its random numbers for the whole global batch and applies those of the part."""
+        draws its random numbers for the whole global batch and applies those of the part. `flip`: which
+        images of the batch to mirror, when the flips are not drawn (alternate_flip)."""
         if xb.dtype == torch.uint8:
             xb = self.normalizer(xb)
             if train and self.augmenter is not None and self.augmenter.active:
-                xb = self.augmenter(xb, self.aug_gen, draw)
+                xb = self.augmenter(xb, self.aug_gen, draw, flip)
             if self.image_size and xb.shape[-1] != self.image_size:
                 xb = center_crop(xb, self.eval_crop, self.image_size)
             if train and self.augmenter is not None:
@@ -194,6 +196,15 @@ class Trainer:
         if xb.ndim == 4:
             xb = xb.contiguous(memory_format=self.memory_format)
         return xb
+
+    def epoch_flips(self, n: int, perm: torch.Tensor) -> torch.Tensor | None:
+        """alternate_flip: whether each image of this epoch's order `perm` is mirrored, on the device. The
+        half mirrored in even epochs comes from the seed alone (not the augmentation stream), so a resumed
+        run flips exactly as an uninterrupted one."""
+        if self.augmenter is None or not (self.augmenter.cfg.hflip and self.augmenter.cfg.alternate_flip):
+            return None
+        base = torch.rand(n, generator=torch.Generator().manual_seed(self.seed * 1000 + 3)) < 0.5
+        return alternating_flips(base, self.epoch)[perm].to(self.device)
 
     # -- one epoch
     def train_epoch(self, data: Split) -> dict:
@@ -207,6 +218,7 @@ class Trainer:
         steps = math.ceil(n / bs)
         total_steps = steps * cfg.epochs
         perm = torch.randperm(n, generator=self.shuffle_gen)
+        flips = self.epoch_flips(n, perm)
         sizes = [min(bs, n - i * bs) for i in range(steps)]            # global batch sizes
         parts = [self.dist.shard(size) for size in sizes]              # this rank's part of each
         loss_sum = torch.zeros((), device=self.device)
@@ -219,7 +231,8 @@ class Trainer:
                 f = lr_factor(cfg, self.step, total_steps, steps)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * f
-            xb = self._prepare(xb, train=True, draw=(sizes[i], parts[i]))
+            xb = self._prepare(xb, train=True, draw=(sizes[i], parts[i]),
+                               flip=None if flips is None else flips[shards[i]])
             with autocast(self.device, self.bf16):
                 logits = model(xb)
             train_sum, loss_sum_b, pred = batch_loss(logits, yb, cfg.label_smoothing)
