@@ -196,18 +196,29 @@ def test_user_callback_from_the_python_api(tmp_path):
     assert float(lines[-1]) == pytest.approx(0.0, abs=1e-9)            # cosine ends at 0
 
 
-def test_one_schedule_across_head_and_main_phases_and_on_resume(tmp_path, monkeypatch):
-    # Bitwise equality needs one thread count throughout: pin it, as OMP_NUM_THREADS would (cnnlab.threads).
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Bitwise equality needs one thread count throughout: pin it, as OMP_NUM_THREADS would (cnnlab.threads)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        _schedule_and_resume(tmp_path)
-    finally:
-        torch.set_num_threads(threads_before)
+    yield
+    torch.set_num_threads(threads_before)
 
 
-def _schedule_and_resume(tmp_path):
+def _assert_resumes_exactly(base: dict, tmp_path: Path, out, after: int) -> None:
+    """The run of `base`, interrupted after epoch `after` and resumed, gives `out`'s history and test accuracy
+    (last.pt is written before user callbacks run)."""
+    from cnnlab.errors import RunInterrupted
+    with pytest.raises(RunInterrupted) as e:
+        run_experiment(from_dict(base), tmp_path / "killed", progress="none", callbacks=[_InterruptAfter(after)])
+    resumed = run_experiment(from_dict(base), tmp_path / "killed", progress="none", resume=RunFolder(Path(str(e.value))))
+    strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
+    assert strip(resumed.history) == strip(out.history)
+    assert resumed.results.test_accuracy == out.results.test_accuracy
+
+
+def test_one_schedule_across_head_and_main_phases_and_on_resume(tmp_path, one_thread):
     base = {"name": "ph", "data": {"source": "synthetic", "classes": 4, "image_size": 40, "synthetic_train": 160,
                                    "synthetic_test": 40},
             "model": {"name": "test_resnet", "weights": "none", "head": [8], "input_size": 32},
@@ -219,39 +230,21 @@ def _schedule_and_resume(tmp_path):
     assert lrs[0] == pytest.approx(0.05)               # warmup ended with epoch 1: once, not again in epoch 3
     assert lrs[0] > lrs[1] > lrs[2] > lrs[3]           # one cosine over all 4 epochs, head phase included
     assert lrs[3] == pytest.approx(0.0, abs=1e-12)
-    # interrupted after epoch 3 (inside the main phase; last.pt is written before user callbacks run),
-    # then resumed: the same learning rates and metrics as the uninterrupted run
-    from cnnlab.errors import RunInterrupted
-    with pytest.raises(RunInterrupted) as e:
-        run_experiment(from_dict(base), tmp_path / "killed", progress="none", callbacks=[_InterruptAfter(3)])
-    resumed = run_experiment(from_dict(base), tmp_path / "killed", progress="none", resume=RunFolder(Path(str(e.value))))
-    strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
-    assert strip(resumed.history) == strip(out.history)
-    assert resumed.results.test_accuracy == out.results.test_accuracy
+    # interrupted after epoch 3 (inside the main phase), then resumed: the same learning rates and metrics
+    _assert_resumes_exactly(base, tmp_path, out, after=3)
 
 
-def test_alternating_flips_resume_exactly(tmp_path, monkeypatch):
+def test_alternating_flips_resume_exactly(tmp_path, one_thread):
     """The alternating flips come from the seed and the epoch, the order from the saved generator: a run
     interrupted after epoch 2 and resumed trains exactly as the uninterrupted one."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = {"name": "alt", "data": {"source": "synthetic", "classes": 3, "image_size": 16, "synthetic_train": 96,
                                     "synthetic_test": 24},
             "model": {"name": "airnet", "args": {"widths": [6, 8]}},
             "train": {"optimizer": "sgd", "lr": 0.05, "epochs": 4, "batch_size": 8, "precision": "fp32"},
             "augment": {"hflip": True, "alternate_flip": True, "crop_padding": 2}}
-    try:
-        out = run_experiment(from_dict(base), tmp_path / "runs", progress="none")
-        from cnnlab.errors import RunInterrupted
-        with pytest.raises(RunInterrupted) as e:
-            run_experiment(from_dict(base), tmp_path / "killed", progress="none", callbacks=[_InterruptAfter(2)])
-        resumed = run_experiment(from_dict(base), tmp_path / "killed", progress="none", resume=RunFolder(Path(str(e.value))))
-    finally:
-        torch.set_num_threads(threads_before)
-    strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
-    assert len(out.history) == 4 and strip(resumed.history) == strip(out.history)
-    assert resumed.results.test_accuracy == out.results.test_accuracy
+    out = run_experiment(from_dict(base), tmp_path / "runs", progress="none")
+    assert len(out.history) == 4
+    _assert_resumes_exactly(base, tmp_path, out, after=2)
 
 
 class _InterruptAfter(Callback):
