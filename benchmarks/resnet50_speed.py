@@ -20,6 +20,7 @@ import torch
 
 from common import keras_available, run_keras
 
+from cnnlab import allocator
 from cnnlab.augment import Augmenter
 from cnnlab.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, TrainConfig
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed batches per measurement")
     ap.add_argument("--precision", default="auto")
     a = ap.parse_args()
+    allocator.keep_freed_memory()             # as a cnnlab run on images of 64 px or more sets it
     dev = torch.device(a.device)
     bf16 = use_bf16(a.precision, dev)
     n = a.batch * a.steps

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab import distributed
+from cnnlab import allocator, distributed
 from cnnlab.augment import Augmenter
 from cnnlab.callbacks import (Callback, EarlyStopping, HistoryWriter, ModelCheckpoint, PrintLogger, ProgressBar,
                               TrackerLogger, make_monitor)
@@ -75,6 +75,8 @@ def run_experiment(cfg: Config, runs_dir: str | Path, *, source: str = "<config>
     ds = (data_cache or DataCache()).get(cfg.data, progress != "bar")
     torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
     model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
+    if size >= allocator.LARGE_INPUT:     # activations of tens of MB: no page faults per batch
+        allocator.keep_freed_memory()
     if cfg.augment.test_shift >= size:
         raise ConfigError(f"{source}: [augment] test_shift = {cfg.augment.test_shift} is not smaller than the "
                           f"{size}px images; use 1 or 2 pixels")
