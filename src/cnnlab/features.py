@@ -12,8 +12,10 @@ features with the runs that use only those.
 
 A long fp32 extraction on the CPU (should_compile) runs the backbone compiled by inductor with freezing
 (weights folded in as constants, BatchNorm folded into the convolutions, oneDNN weights prepacked). On a
-2-core AVX2 EPYC that is about 1.5x the eager speed for ResNet50, 1.8-2.1x for EfficientNet-Lite0 and
-1.15x for ConvNeXt-tiny, for ~20-35 s of compiling once per process (benchmarks/extract_compile.py). Its features agree with
+2-core AVX2 EPYC, with the allocator setting of a cnnlab run (cnnlab.allocator), that is 1.39x the eager
+speed for EfficientNet-Lite0, 1.09x for ConvNeXt-tiny and 1.02-1.10x for ResNet50 (1.5x with glibc's
+default allocator, whose page faults slow eager more), for ~25-35 s of compiling once per process
+(benchmarks/extract_compile.py). Its features agree with
 eager ones to float rounding (~1e-6 relative). Shorter extractions, bf16 and GPUs stay eager (not measured
 to pay there); a compile that fails (no C++ compiler, say) falls back to eager with a warning.
 """
@@ -65,8 +67,8 @@ def feature_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-# Compiling takes ~20-35 s and saves 12-50% of the eager time: from 2,000 images at ImageNet sizes it about
-# breaks even for the least helped backbone measured (ConvNeXt-tiny) and wins minutes for the others. The
+# Compiling takes ~25-35 s and saves 2-30% of the eager time: from 2,000 images at ImageNet sizes it about
+# breaks even for the least helped backbones measured (ResNet50, ConvNeXt-tiny) and wins for depthwise ones. The
 # rule counts work, not seconds, so that the same run makes the same choice (and features) every time.
 COMPILE_MIN_IMAGES = 2000
 COMPILE_FLOPS = 1e12     # and this much work: a small net extracts 2,000 images faster than inductor compiles it
