@@ -13,13 +13,13 @@ at the top of the heap (M_TRIM_THRESHOLD, an int: its largest value).
 
 The cost: memory freed by the process stays with the process, and the heap fragments (torch asks for
 aligned blocks, so a freed block does not always fit the next request of its size; a loop allocating one
-100 MB tensor settles at 500 MB more than without, after five rounds): peak resident memory rose 13-22% in
-benchmarks/memory.py (CUB-200-2010 with ResNet50: frozen 3,438 -> 3,896 MiB, fine-tuning
-5,801 -> 6,605 MiB). For 32x32 images it buys nothing (the practice's CIFAR recipes trained at the same
-speed within noise, and the run peaked 222 MiB higher), so a run applies it only when its network sees
-images of LARGE_INPUT pixels or more. Not on other systems or C libraries (macOS, Windows, musl): there this
-does nothing. Nor when the user chose an allocator already: jemalloc or tcmalloc in
-LD_PRELOAD, or glibc's own MALLOC_* / GLIBC_TUNABLES settings, are left alone.
+100 MB tensor settles at 500 MB more than without, after five rounds): peak resident memory rose 13-14% in
+benchmarks/memory.py (CUB-200-2010 with ResNet50: frozen 3,438 -> 3,896 MiB, fine-tuning 5,801 -> 6,605
+MiB). For 32x32 images it buys nothing (the practice's CIFAR recipes trained at the same speed within
+noise, and the run peaked 24% higher: 906 -> 1,128 MiB), so a run applies it only when its network sees
+images of LARGE_INPUT pixels or more. Not on other systems or C libraries (macOS, Windows, musl): there
+this does nothing. Nor when the user chose an allocator already: jemalloc or tcmalloc in LD_PRELOAD, or
+glibc's own MALLOC_* / GLIBC_TUNABLES settings, are left alone.
 """
 from __future__ import annotations
 

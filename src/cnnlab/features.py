@@ -15,9 +15,9 @@ A long fp32 extraction on the CPU (should_compile) runs the backbone compiled by
 2-core AVX2 EPYC, with the allocator setting of a cnnlab run (cnnlab.allocator), that is 1.39x the eager
 speed for EfficientNet-Lite0, 1.09x for ConvNeXt-tiny and 1.02-1.10x for ResNet50 (1.5x with glibc's
 default allocator, whose page faults slow eager more), for ~25-35 s of compiling once per process
-(benchmarks/extract_compile.py). Its features agree with
-eager ones to float rounding (~1e-6 relative). Shorter extractions, bf16 and GPUs stay eager (not measured
-to pay there); a compile that fails (no C++ compiler, say) falls back to eager with a warning.
+(benchmarks/extract_compile.py). Its features agree with eager ones to float rounding (~1e-6 relative).
+Shorter extractions, bf16 and GPUs stay eager (not measured to pay there); a compile that fails (no C++
+compiler, say) falls back to eager with a warning.
 """
 from __future__ import annotations
 
@@ -68,8 +68,9 @@ def feature_key(identity: dict) -> str:
 
 
 # Compiling takes ~25-35 s and saves 2-30% of the eager time: from 2,000 images at ImageNet sizes it about
-# breaks even for the least helped backbones measured (ResNet50, ConvNeXt-tiny) and wins for depthwise ones. The
-# rule counts work, not seconds, so that the same run makes the same choice (and features) every time.
+# breaks even for the least helped backbones measured (ResNet50, ConvNeXt-tiny) and wins for depthwise
+# ones. The rule counts work, not seconds, so that the same run makes the same choice (and features) every
+# time.
 COMPILE_MIN_IMAGES = 2000
 COMPILE_FLOPS = 1e12     # and this much work: a small net extracts 2,000 images faster than inductor compiles it
 
@@ -132,7 +133,8 @@ def _forward_compiled(fn: nn.Module, xb: torch.Tensor, desc: str, bar: tqdm) -> 
         _compile_failed = True
         return None, None
     finally:
-        bar.set_postfix_str("")
+        if bar.n == 0:
+            bar.set_postfix_str("")
 
 
 @contextmanager
