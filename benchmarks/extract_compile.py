@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
+from common import benchmark_backbone
 
 from cnnlab import allocator
 from cnnlab.features import extract, flops_per_image
-from cnnlab.models.backbones import create_backbone
-
-FAMILIES = {"lite0": ("efficientnet_lite:efficientnet_lite0", "")}   # else (timm name, random weights)
-
 
 def measure(name: str, n: int, batch: int) -> dict:
-    model, weights = FAMILIES.get(name, (name, "none"))
-    backbone, _, norm, size = create_backbone(model, weights)
+    backbone, _, norm, size = benchmark_backbone(name)
     cpu = torch.device("cpu")
     x = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

@@ -27,11 +27,8 @@ import ctypes
 import os
 import platform
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4      # glibc's <malloc.h>
-# The default to go back to: glibc's own once its adaptive threshold has met allocations of 32 MB or more
-# (it then mmaps above 32 MB and trims above twice that); the adaptive rule cannot be switched back on.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4      # glibc's <malloc.h>
 LARGE_INPUT = 64          # image side from which a run keeps freed memory
-DEFAULT = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
 
 
@@ -54,9 +51,10 @@ def user_chose_allocator(environ=os.environ) -> bool:
             or any(k.startswith("MALLOC_") for k in environ))
 
 
-def keep_freed_memory(on: bool = True) -> bool:
-    """Apply KEEP (on) or DEFAULT (off) to this process's glibc allocator; returns whether it applied."""
+def keep_freed_memory() -> bool:
+    """Apply KEEP to this process's glibc allocator (for the rest of the process: glibc's adaptive default
+    cannot be switched back on); returns whether it applied."""
     mallopt = _glibc_mallopt()
-    if mallopt is None or (on and user_chose_allocator()):
+    if mallopt is None or user_chose_allocator():
         return False
-    return all(mallopt(k, v) == 1 for k, v in (KEEP if on else DEFAULT).items())
+    return all(mallopt(k, v) == 1 for k, v in KEEP.items())
