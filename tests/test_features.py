@@ -69,7 +69,7 @@ def test_a_failed_compile_falls_back_to_eager_once_and_for_all(monkeypatch):
     assert not should_compile(net, 10**12, 16, CPU, False)   # not tried again in this process
 
 
-def test_only_long_fp32_cpu_extractions_are_compiled():
+def test_only_long_cpu_extractions_are_compiled():
     net = tiny_backbone().eval()
     per_image = flops_per_image(net, 16, CPU)
     assert per_image == 2 * 3 * 9 * 8 * 16 * 16            # the convolution's multiply-adds, counted twice
@@ -77,9 +77,14 @@ def test_only_long_fp32_cpu_extractions_are_compiled():
     assert enough > features.COMPILE_MIN_IMAGES
     assert should_compile(net, enough, 16, CPU, False)
     assert not should_compile(net, enough - 1, 16, CPU, False)            # too little work
-    assert not should_compile(net, enough, 16, CPU, True)                 # bf16: not measured to pay
     assert not should_compile(net, enough, 16, torch.device("cuda"), False)
     # Much work in few images (a large input): still too few images to repay a compile.
     big = features.COMPILE_MIN_IMAGES
     assert should_compile(net, big, 2048, CPU, False)
     assert not should_compile(net, big - 1, 512, CPU, False)
+    # bf16 autocast gains less from compiling: it repays the compile only over more images.
+    big16 = features.COMPILE_MIN_IMAGES_BF16
+    assert big16 > big
+    assert should_compile(net, big16, 2048, CPU, True)
+    assert not should_compile(net, big16 - 1, 2048, CPU, True)
+    assert should_compile(net, big16 - 1, 2048, CPU, False)
