@@ -1,4 +1,4 @@
-"""glibc's default allocator settings against the ones cnnlab sets when a run starts (cnnlab.allocator):
+"""glibc's default allocator settings against the ones cnnlab sets when a run starts (cnnlab.runtime.allocator):
 extraction (eager and compiled) and a fine-tuning step of large backbones at 224.
 
 By default glibc serves every allocation above a threshold (at most 32 MB) with its own mmap and returns it
@@ -25,11 +25,11 @@ import torch
 
 from common import benchmark_backbone
 
-from cnnlab import allocator
-from cnnlab.augment import Augmenter
+from cnnlab.runtime import allocator
+from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
-from cnnlab.engine import Batches, Trainer
-from cnnlab.features import extract
+from cnnlab.training.engine import Batches, Trainer
+from cnnlab.transfer.features import extract
 from cnnlab.models.backbones import TransferNet
 
 def cpu_seconds() -> tuple[float, float]:
@@ -50,7 +50,7 @@ def timed(fn, n: int) -> tuple[float, float]:
 def measure(name: str, n: int, batch: int, keep: bool) -> dict:
     """In a child process: the three jobs under one allocator setting."""
     if keep:
-        assert allocator.keep_freed_memory(), "cnnlab.allocator did not apply here (not glibc, or MALLOC_* set)"
+        assert allocator.keep_freed_memory(), "cnnlab.runtime.allocator did not apply here (not glibc, or MALLOC_* set)"
     backbone, nf, norm, size = benchmark_backbone(name)
     cpu = torch.device("cpu")
     x = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

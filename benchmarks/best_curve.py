@@ -33,7 +33,7 @@ from cnnlab.config import load_config, read_toml
 from cnnlab.configs import config_file, data_preset
 from cnnlab.data import load_dataset
 from cnnlab.models.build import TestTimeAverage
-from cnnlab.plots import subplots
+from cnnlab.records.plots import subplots
 
 HERE = Path(__file__).parent
 

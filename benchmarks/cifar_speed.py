@@ -11,7 +11,7 @@ own warm-up, as Keras's does.
 
 --under-load: one other CPU-bound process (`python3 -c "while True: pass"`) runs beside each
 measurement, on both sides: started before it, killed after it. --fixed-threads: also measure cnnlab
-with its thread count pinned (OMP_NUM_THREADS = torch's default, which turns cnnlab.threads off): the
+with its thread count pinned (OMP_NUM_THREADS = torch's default, which turns cnnlab.runtime.threads off): the
 figure before that module existed. --repeat N: the median of N measurements of each figure.
 Each figure also reports the cores other processes (not this benchmark's) used meanwhile ('other').
 
@@ -45,11 +45,12 @@ def cnnlab_fit(npz: Path, recipe: str, epochs: int, device: str = "cpu") -> dict
     import numpy as np
     import torch
 
-    from cnnlab import engine, threads
-    from cnnlab.augment import Augmenter
+    from cnnlab.training import engine
+    from cnnlab.runtime import threads
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import from_dict
     from cnnlab.data import Dataset
-    from cnnlab.experiment import prepare_splits
+    from cnnlab.experiments.run import prepare_splits
     from cnnlab.models import create_model
 
     _, model, raw = RECIPES[recipe]
@@ -82,8 +83,8 @@ def _source(fn) -> str:
 
 def _thread_hooks(missing: list[str]):
     """The threads calls the engine does not make itself, made by a callback at the same places."""
-    from cnnlab import threads
-    from cnnlab.callbacks import Callback
+    from cnnlab.runtime import threads
+    from cnnlab.training.callbacks import Callback
 
     class ThreadHooks(Callback):
         if "configure" in missing:

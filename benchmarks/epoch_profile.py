@@ -9,11 +9,11 @@ Usage: python benchmarks/profile.py RECIPE [--epochs 3] [--steps N] [--device cu
             stored 256x256, random-resized crop + flip to 224 (the CUB fine-tuning recipe); a few steps
             only (--steps, default 4) and 64 validation images (central 0.875 crop to 224)
 
-The train step is Trainer.train_epoch's (src/cnnlab/engine.py) with a timer around each part: gather the
+The train step is Trainer.train_epoch's (src/cnnlab/training/engine.py) with a timer around each part: gather the
 batch by index from the uint8 tensor, Normalizer, Augmenter (and the memory-format copy), forward under
 bf16 autocast where the CPU has fast bf16, cross-entropy, zero_grad + backward, fused optimizer step,
 metric bookkeeping; then Trainer.evaluate on the validation split. The model, optimizer, precision and
-memory format are the Trainer's own, and cnnlab.threads sets the thread count as fit does. CPU ops run
+memory format are the Trainer's own, and cnnlab.runtime.threads sets the thread count as fit does. CPU ops run
 synchronously, so a timer around a part measures that part; on a GPU (--device cuda) every timer
 synchronizes the device first (which adds the syncs a real epoch does not have: compare wall times).
 
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnlab import threads
-from cnnlab.augment import Augmenter
+from cnnlab.runtime import threads
+from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
-from cnnlab.device import autocast
-from cnnlab.engine import Batches, Trainer
-from cnnlab.preprocess import Normalizer, center_crop
+from cnnlab.runtime.device import autocast
+from cnnlab.training.engine import Batches, Trainer
+from cnnlab.data.preprocess import Normalizer, center_crop
 
 PARTS = ["batch gather", "normalization", "augmentation", "forward", "loss", "backward", "optimizer step",
          "metric bookkeeping", "validation"]

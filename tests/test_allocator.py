@@ -1,4 +1,4 @@
-"""cnnlab.allocator: freed memory stays in the process (no page faults when a large tensor is allocated
+"""cnnlab.runtime.allocator: freed memory stays in the process (no page faults when a large tensor is allocated
 again), and an allocator the user chose is left alone."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from cnnlab.allocator import user_chose_allocator
+from cnnlab.runtime.allocator import user_chose_allocator
 
 # Allocate, fill and free a 64 MB block three times (glibc's malloc itself, as torch's CPU allocator calls it),
 # counting the page faults of the last time.
 PROBE = """
 import ctypes, json, resource, sys
-from cnnlab import allocator
+from cnnlab.runtime import allocator
 applied = allocator.keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

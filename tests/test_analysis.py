@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from cnnlab.analysis import _band, curve_summary, describe, overfitting_onset, plot_compare
+from cnnlab.records.analysis import _band, curve_summary, describe, overfitting_onset, plot_compare
 
 
 def hist(train_loss, val_loss=None, acc=None, val_acc=None):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Augmenter, cutout, hflip, random_crop, resize, train_side, zoom
-from cnnlab.preprocess import Normalizer
+from cnnlab.data.augment import Augmenter, cutout, hflip, random_crop, resize, train_side, zoom
+from cnnlab.data.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, DataConfig
 from cnnlab.data import Dataset, split_train_val
-from cnnlab.experiment import prepare_splits
+from cnnlab.experiments.run import prepare_splits
 
 
 def gen(seed: int = 0) -> torch.Generator:

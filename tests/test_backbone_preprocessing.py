@@ -12,10 +12,10 @@ from torch import nn
 
 from cnnlab.config import ModelConfig, from_dict
 from cnnlab.errors import ConfigError
-from cnnlab.experiment import run_experiment
+from cnnlab.experiments.run import run_experiment
 from cnnlab.models.backbones import IMAGENET_MEAN, PreprocessingWarning, create_backbone
 from cnnlab.models.build import build_model
-from cnnlab.runs import read_json
+from cnnlab.records.io import read_json
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HALF = (0.5, 0.5, 0.5)

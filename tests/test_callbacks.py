@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.callbacks import EarlyStopping, snapshot
+from cnnlab.training.callbacks import EarlyStopping, snapshot
 from cnnlab.config import EarlyStoppingConfig
 from cnnlab.errors import ConfigError
 

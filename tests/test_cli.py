@@ -13,7 +13,7 @@ from PIL import Image
 
 from cnnlab.config import load_config
 from cnnlab.models import create_model
-from cnnlab.runs import HISTORY_KEYS
+from cnnlab.records.runs import HISTORY_KEYS
 
 from conftest import cli, run_cli, synthetic_row
 

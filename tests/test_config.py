@@ -166,7 +166,7 @@ def test_lr_default_resolved_after_overrides(tmp_path):
 def test_default_lr_applied_where_the_optimizer_is_made(tmp_path):
     from torch import nn
 
-    from cnnlab.engine import make_optimizer
+    from cnnlab.training.engine import make_optimizer
     for optimizer, lr in (("sgd", 0.01), ("adam", 0.001)):
         cfg = load_config(write(tmp_path, f'[train]\noptimizer = "{optimizer}"\n'))
         opt = make_optimizer(nn.Linear(3, 2), cfg.train)

@@ -77,7 +77,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
 
 
 def test_shards_cover_a_batch_exactly_once():
-    from cnnlab.distributed import DistInfo
+    from cnnlab.runtime.distributed import DistInfo
     for world in (1, 2, 3, 4):
         for n in (0, 1, 5, 64, 65):
             parts = [DistInfo(r, world).shard(n) for r in range(world)]

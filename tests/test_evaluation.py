@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.evaluation import (Evaluation, cluster_order, confusion_matrix, evaluate_logits, most_confused_pairs,
+from cnnlab.records.evaluation import (Evaluation, cluster_order, confusion_matrix, evaluate_logits, most_confused_pairs,
                                per_class_metrics, plot_errors, write_evaluation)
 
 # Rows = true class, columns = predicted class.

@@ -15,10 +15,10 @@ from PIL import Image
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.export import (EXPORT_TOLERANCE, ExportMismatch, InferenceModule, check_tolerance, export_model,
+from cnnlab.inference.export import (EXPORT_TOLERANCE, ExportMismatch, InferenceModule, check_tolerance, export_model,
                            onnxruntime_snippet)
-from cnnlab.predict import Predictor
-from cnnlab.preprocess import Preprocess
+from cnnlab.inference.predict import Predictor
+from cnnlab.data.preprocess import Preprocess
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import features
-from cnnlab.features import extract, flops_per_image, should_compile
-from cnnlab.preprocess import Normalizer
+from cnnlab.transfer import features
+from cnnlab.transfer.features import extract, flops_per_image, should_compile
+from cnnlab.data.preprocess import Normalizer
 
 CPU = torch.device("cpu")
 

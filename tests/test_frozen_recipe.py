@@ -18,7 +18,7 @@ from cnnlab.api import load_model
 from cnnlab.config import from_dict
 from cnnlab.data import load_dataset, register_source
 from cnnlab.errors import ConfigError
-from cnnlab.experiment import run_experiment
+from cnnlab.experiments.run import run_experiment
 from cnnlab.models.backbones import TransferNet
 
 D, K, SCALE = 64, 10, 16.0          # feature dims, classes; pixel = 128 + SCALE * feature
@@ -80,8 +80,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipe")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CNNLAB_CACHE", str(tmp / "cache"))
-        mp.setattr("cnnlab.evaluation.write_evaluation", lambda *a, **k: None)
-        mp.setattr("cnnlab.experiment.plot_curves", lambda *a, **k: None)
+        mp.setattr("cnnlab.records.evaluation.write_evaluation", lambda *a, **k: None)
+        mp.setattr("cnnlab.experiments.run.plot_curves", lambda *a, **k: None)
         return {name: run_experiment(from_dict({"name": name, **raw}), tmp / "runs", progress="none")
                 for name, raw in (("practice", PRACTICE), ("recipe", RECIPE))}
 
@@ -114,8 +114,8 @@ def test_rebuilt_model_reproduces_the_test_accuracy(runs):
 
 
 def test_flip_averaged_features_are_the_mean_of_both_views(tmp_path):
-    from cnnlab.features import cached_features, extract
-    from cnnlab.preprocess import Normalizer
+    from cnnlab.transfer.features import cached_features, extract
+    from cnnlab.data.preprocess import Normalizer
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     y = torch.zeros(6, dtype=torch.long)
     args = (Normalizer(), 8, 1.0, torch.device("cpu"), False)

@@ -204,7 +204,7 @@ def _member(grouped: nn.Module, standalone: nn.Module, k: int) -> None:
 def test_airnet_members_are_independent_networks_trained_side_by_side():
     """Each member of `members = 3` computes what a plain airnet with its weights computes, and gets the
     gradient that net would get from its own loss; evaluation predicts the members' mean probability."""
-    from cnnlab.engine import batch_loss
+    from cnnlab.training.engine import batch_loss
     torch.manual_seed(0)
     grouped = create_model("airnet", 5, widths=[6, 10, 12], members=3)
     init_from_data(grouped, _correlated_images())

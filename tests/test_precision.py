@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import device as devmod
-from cnnlab import threads
+from cnnlab.runtime import device as devmod
+from cnnlab.runtime import threads
 from cnnlab.config import TrainConfig
-from cnnlab.data.images import cache_dir
-from cnnlab.engine import Batches, Trainer
+from cnnlab.runtime.cache import cache_dir
+from cnnlab.training.engine import Batches, Trainer
 from cnnlab.models import create_model
 
 CPU = torch.device("cpu")

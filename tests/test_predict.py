@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-import cnnlab.predict as predict_mod
+import cnnlab.inference.predict as predict_mod
 from cnnlab.data.images import decode
 from cnnlab.errors import CnnlabError, DataError
-from cnnlab.predict import Predictor, find_images, format_table, predict_files, write_predictions
-from cnnlab.preprocess import Preprocess
+from cnnlab.inference.predict import Predictor, find_images, format_table, predict_files, write_predictions
+from cnnlab.data.preprocess import Preprocess
 
 CLASSES = ["cat", "dog", "owl"]
 # image_size 16 -> the central 0.8 (13 px) resized to input_size 12: the eval-crop path of Preprocess runs too.

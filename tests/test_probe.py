@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.callbacks import Callback
+from cnnlab.training.callbacks import Callback
 from cnnlab.config import from_dict
 from cnnlab.data import load_dataset, split_train_val
-from cnnlab.engine import Batches
+from cnnlab.training.engine import Batches
 from cnnlab.errors import ConfigError
-from cnnlab.experiment import run_experiment
-from cnnlab.runs import read_json
+from cnnlab.experiments.run import run_experiment
+from cnnlab.records.io import read_json
 
 
 def tiny_backbone() -> nn.Module:

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.report import compare_test
-from cnnlab.runs import RunFolder, load_checkpoint
+from cnnlab.records.report import compare_test
+from cnnlab.records.runs import RunFolder
+from cnnlab.records.io import load_checkpoint
 
 from conftest import LineReader, ROOT, cli, run_cli, subprocess_env, synthetic_row, wait_for_checkpoint
 

@@ -24,7 +24,7 @@ from cnnlab.data import images as images_mod
 from cnnlab.data import load_dataset, split_train_val, store
 from cnnlab.data.stream import Rows, RowFile, memory_budget, prefetch
 from cnnlab.errors import ConfigError
-from cnnlab.experiment import run_experiment
+from cnnlab.experiments.run import run_experiment
 
 K, SIZE = 4, 32                       # classes; images are SIZE x SIZE (3 KB each decoded)
 N_TRAIN, N_TEST = 1500, 200           # 4.4 MB of training images: 4x a 1 MB budget
@@ -69,8 +69,8 @@ def pinned_threads(monkeypatch):
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    monkeypatch.setattr("cnnlab.evaluation.write_evaluation", lambda *a, **k: None)
-    monkeypatch.setattr("cnnlab.experiment.plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr("cnnlab.records.evaluation.write_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr("cnnlab.experiments.run.plot_curves", lambda *a, **k: None)
 
 
 def config(folder: Path, budget: int, name: str = "s", **train) -> dict:
@@ -133,9 +133,9 @@ def pixels() -> torch.nn.Module:
 
 RSS_SCRIPT = """
 import json, sys
-import cnnlab.evaluation, cnnlab.experiment
+import cnnlab.records.evaluation, cnnlab.experiments.run
 from cnnlab.config import from_dict
-cnnlab.evaluation.write_evaluation = cnnlab.experiment.plot_curves = lambda *a, **k: None
+cnnlab.records.evaluation.write_evaluation = cnnlab.experiments.run.plot_curves = lambda *a, **k: None
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -145,10 +145,10 @@ def status(key):
 raw = json.loads(sys.argv[1])
 warm = json.loads(sys.argv[1])
 warm["data"]["max_train_per_class"] = 300                # every code path once, on a few images
-cnnlab.experiment.run_experiment(from_dict(warm), sys.argv[2], progress="none")
+cnnlab.experiments.run.run_experiment(from_dict(warm), sys.argv[2], progress="none")
 open("/proc/self/clear_refs", "w").write("5")              # resets the peak (VmHWM) to the current RSS
 base = status("VmRSS")
-cnnlab.experiment.run_experiment(from_dict(raw), sys.argv[2], progress="none")
+cnnlab.experiments.run.run_experiment(from_dict(raw), sys.argv[2], progress="none")
 print(json.dumps({"base": base, "peak": status("VmHWM")}))
 """
 # Beyond the budget: the training step's working memory (batches of 64: activations, gradients, the two

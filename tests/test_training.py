@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.callbacks import Callback, EarlyStopping, ModelCheckpoint, Monitor, make_monitor
+from cnnlab.training.callbacks import Callback, EarlyStopping, ModelCheckpoint, Monitor, make_monitor
 from cnnlab.config import CheckpointConfig, EarlyStoppingConfig, TrainConfig, from_dict
-from cnnlab.engine import lr_factor, make_optimizer, param_groups
-from cnnlab.experiment import run_experiment
-from cnnlab.runs import RunFolder, RunRecorder, write_json
+from cnnlab.training.engine import lr_factor, make_optimizer, param_groups
+from cnnlab.experiments.run import run_experiment
+from cnnlab.records.runs import RunFolder, RunRecorder
 
 
 # ---------------------------------------------------------------- lr schedules
@@ -198,7 +198,7 @@ def test_user_callback_from_the_python_api(tmp_path):
 
 @pytest.fixture
 def one_thread(monkeypatch):
-    """Bitwise equality needs one thread count throughout: pin it, as OMP_NUM_THREADS would (cnnlab.threads)."""
+    """Bitwise equality needs one thread count throughout: pin it, as OMP_NUM_THREADS would (cnnlab.runtime.threads)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -270,7 +270,7 @@ def test_atomic_files_keep_the_users_umask(tmp_path):
     try:
         import importlib
 
-        import cnnlab.runs as runs
+        import cnnlab.records.io as runs
         importlib.reload(runs)                 # the mode is read from the umask once, at import
         runs.write_json(tmp_path / "r.json", {"a": 1})
         assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
@@ -309,7 +309,7 @@ def test_a_split_that_leaves_classes_without_training_images_warns_and_marks_the
     from cnnlab.data import load_dataset
     ds = load_dataset(cfg.data)
     order = torch.argsort(ds.y_train, stable=True)           # make the records class-sorted
-    import cnnlab.experiment as experiment
+    import cnnlab.experiments.run as experiment
 
     class SortedCache(experiment.DataCache):
         def get(self, data_cfg, quiet):
@@ -321,7 +321,7 @@ def test_a_split_that_leaves_classes_without_training_images_warns_and_marks_the
     assert len(warning) == 1 and "2 of 10 classes have no training images" in warning[0]
     assert "val_split = 'last'" in warning[0]
     assert out.results.warnings and "no training images" in out.results.warnings[0]
-    from cnnlab.report import build_report
+    from cnnlab.records.report import build_report
     report = build_report(tmp_path / "runs")
     assert "ok ⚠" in report and "## Warnings" in report
     # a stratified split of the same data says nothing
@@ -332,9 +332,9 @@ def test_a_split_that_leaves_classes_without_training_images_warns_and_marks_the
 
 def test_training_and_evaluation_views_have_the_networks_input_size():
     """Images stored larger than the network input (CUB: 256 for 224): every augmentation feeds input_size."""
-    from cnnlab.augment import Augmenter
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig
-    from cnnlab.engine import Trainer
+    from cnnlab.training.engine import Trainer
     x = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)
     for aug in (AugmentConfig(), AugmentConfig(zoom=0.2, hflip=True), AugmentConfig(crop_padding=4),
                 AugmentConfig(random_resized_crop=True, hflip=True)):
@@ -346,9 +346,9 @@ def test_training_and_evaluation_views_have_the_networks_input_size():
 
 def test_progressive_resizing_trains_small_first_and_always_evaluates_at_full_size():
     """The network sees 16, then 24, then 32 px images in training; validation and test are always 32 px."""
-    from cnnlab.augment import Augmenter
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig
-    from cnnlab.engine import Batches, Trainer, fit
+    from cnnlab.training.engine import Batches, Trainer, fit
     seen = []
 
     class Record(nn.Module):
@@ -371,9 +371,9 @@ def test_progressive_resizing_trains_small_first_and_always_evaluates_at_full_si
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
     """airbench's alternating flip: a seed-fixed half mirrored in even epochs, the other half in odd ones."""
-    from cnnlab.augment import Augmenter
+    from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig
-    from cnnlab.engine import Batches, Trainer, fit
+    from cnnlab.training.engine import Batches, Trainer, fit
     seen = []
 
     class Record(nn.Module):
@@ -419,7 +419,7 @@ def test_random_resized_crop_with_zoom_or_padding_is_refused():
 
 def test_evaluation_batch_counts_32px_images_and_shrinks_for_larger_inputs():
     """eval_batch_size = 500 suits CIFAR; at 224 it would hold 500 images' activations (9 GB for ResNet50)."""
-    from cnnlab.engine import Batches, Trainer
+    from cnnlab.training.engine import Batches, Trainer
     cfg = TrainConfig(batch_size=32, eval_batch_size=500)
     tr = Trainer(nn.Linear(4, 2), cfg, torch.device("cpu"), 0)
     imgs = lambda side: Batches(torch.zeros(2, 3, side, side, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))  # noqa: E731
@@ -435,7 +435,7 @@ def test_evaluation_batch_counts_32px_images_and_shrinks_for_larger_inputs():
 @pytest.mark.parametrize("wd", [0.0, 5e-4])
 def test_decay_groups_follow_timms_rule(wd, exclude_1d):
     from timm.optim import param_groups_weight_decay
-    from cnnlab.engine import decay_groups
+    from cnnlab.training.engine import decay_groups
     from cnnlab.models import create_model
     model = create_model("resnet9s", 10, width=4)
     model[0][0].requires_grad_(False)                      # frozen parameters belong to no group

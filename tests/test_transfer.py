@@ -12,8 +12,8 @@ from torch import nn
 
 from cnnlab.config import ModelConfig, TrainConfig, from_dict
 from cnnlab.errors import CnnlabError, ConfigError
-from cnnlab.experiment import run_experiment
-from cnnlab.runs import read_json
+from cnnlab.experiments.run import run_experiment
+from cnnlab.records.io import read_json
 from cnnlab.models.backbones import TransferNet, create_backbone
 from cnnlab.models.build import build_model
 
@@ -97,7 +97,7 @@ def test_frozen_features_are_cached_and_reused(tmp_path, monkeypatch):
     run1 = run_experiment(cfg, tmp_path / "runs", progress="none")
     assert read_json(run1.path / 'results.json')["features_from_cache"] is False
     # The second run must not run the backbone at all: make extraction impossible.
-    import cnnlab.features as features
+    import cnnlab.transfer.features as features
 
     def boom(*a, **k):
         raise AssertionError("features recomputed")

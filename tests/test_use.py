@@ -14,7 +14,7 @@ import cnnlab
 from cnnlab.api import load_model
 from cnnlab.config import from_dict
 from cnnlab.data import load_dataset
-from cnnlab.experiment import run_experiment
+from cnnlab.experiments.run import run_experiment
 
 from conftest import cli
 
@@ -265,8 +265,8 @@ def test_layers_set_from_data_see_images_spread_over_the_whole_split():
     """An image folder's records are sorted by class: the first images would all be of the first classes."""
     from torch import nn
     from cnnlab.data.stream import Batches
-    from cnnlab.experiment import init_layers_from_data
-    from cnnlab.preprocess import Normalizer
+    from cnnlab.experiments.run import init_layers_from_data
+    from cnnlab.data.preprocess import Normalizer
     seen = []
 
     class Probe(nn.Module):

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 import cnnlab
-from cnnlab.callbacks import Callback
+from cnnlab.training.callbacks import Callback
 from cnnlab.config import load_config
 from cnnlab.data import load_dataset
-from cnnlab.engine import Batches
-from cnnlab.plots import subplots
+from cnnlab.training.engine import Batches
+from cnnlab.records.plots import subplots
 
 HERE = Path(__file__).parent
 ROWS = {"old": HERE / "finetune" / "lite0_finetune_old.toml", "lpft": HERE / "finetune" / "lite0_lpft.toml"}

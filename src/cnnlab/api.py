@@ -22,8 +22,8 @@ from torch import nn
 
 from cnnlab.config import Config, load_config, read_toml
 from cnnlab.errors import CheckpointError, CnnlabError, DataError
-from cnnlab.preprocess import Preprocess
-from cnnlab.runs import load_checkpoint, read_json
+from cnnlab.data.preprocess import Preprocess
+from cnnlab.records.io import load_checkpoint, read_json
 
 
 def _read(run_dir: Path, name: str):
@@ -77,8 +77,8 @@ class Model:
 
     def __init__(self, run_dir: str | Path, weights: str = "auto", device: str | torch.device | None = None,
                  batch_size: int = 64):
-        from cnnlab.device import resolve_device
-        from cnnlab.predict import Predictor
+        from cnnlab.runtime.device import resolve_device
+        from cnnlab.inference.predict import Predictor
         self.run_dir, self.weights = Path(run_dir), weights
         self.device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
         self.model, self.preprocess, self.classes, self.config = load_model(run_dir, weights, self.device)
@@ -141,7 +141,7 @@ def logits_of(model: nn.Module, pre: Preprocess, x_uint8: torch.Tensor, device: 
               batch_size: int = 256) -> torch.Tensor:
     """Logits of uint8 images, batched; `batch_size` counts 32x32 inputs (larger ones: proportionally fewer,
     at least 16), so that a ResNet50 at 224 does not hold the activations of 256 images at once."""
-    from cnnlab.device import autocast
+    from cnnlab.runtime.device import autocast
     batch_size = max(min(batch_size, 16), batch_size * 32 * 32 // (pre.input_size ** 2))
     out = []
     for i in range(0, len(x_uint8), batch_size):
@@ -160,10 +160,10 @@ def evaluate_runs(models: list[Model], data: str | None, data_dir: str | None, s
     other seeds or variants with the same classes), on the first run's data or other data with those
     classes. Returns (Evaluation, the folder it wrote, each model's own accuracy)."""
     from cnnlab.data import load_dataset, split_train_val
-    from cnnlab.device import use_bf16
-    from cnnlab.evaluation import evaluate_logits, write_evaluation
+    from cnnlab.runtime.device import use_bf16
+    from cnnlab.records.evaluation import evaluate_logits, write_evaluation
     from cnnlab.models import mean_probability_logits
-    from cnnlab.runs import write_json
+    from cnnlab.records.io import write_json
     if split not in ("test", "val"):
         raise CnnlabError(f"--split {split!r}: choose test or val")
     first = models[0]
@@ -210,8 +210,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, wei
     """Export a run's model (uint8 RGB in at its input size, probabilities out; labels.json beside it),
     checked against PyTorch on real test images of the run's data. Returns (file, max |difference|)."""
     from cnnlab.data import load_dataset
-    from cnnlab.export import export_model
-    from cnnlab.preprocess import center_crop
+    from cnnlab.inference.export import export_model
+    from cnnlab.data.preprocess import center_crop
     model, pre, classes, cfg = load_model(run_dir, weights, "cpu")
     try:
         ds = load_dataset(cfg.data, quiet=True)
@@ -318,7 +318,7 @@ def run(config: str | Path, *, data: str | dict | None = None, data_dir: str | N
     data: a preset name or file (as --data), or a dict of [data] keys; with a preset, single [data] keys go in
     as dotted keywords: `**{"data.max_train_per_class": 250}` (as --set data.max_train_per_class=250)."""
     from cnnlab.configs import config_file
-    from cnnlab.experiment import run_experiment
+    from cnnlab.experiments.run import run_experiment
     data, overrides = _data_overrides(data, data_dir, overrides)
     path = config_file(str(config))
     cfg = load_config(path, _overrides(overrides), _preset(data))
@@ -366,7 +366,7 @@ class Suite:
 def suite(name: str, *, data: str | dict | None = None, data_dir: str | None = None, runs_dir: str | Path = "runs",
           seeds: int | None = None, only: list[str] | None = None, progress: str = "bar", **overrides) -> Suite:
     """Run a suite ('practice', or a folder of configs): `cnnlab.suite("practice", data="cifar10s", train={"epochs": 2})`."""
-    from cnnlab.suite import run_suite
+    from cnnlab.experiments.suite import run_suite
     data, overrides = _data_overrides(data, data_dir, overrides)
     folder, failures = run_suite(name, runs_dir, _overrides(overrides), data, only, progress, seeds=seeds)
     return Suite(folder, failures)

@@ -117,16 +117,16 @@ def _load(path: Path, a) -> Config:
 def _execute(cfg, a, source: str, resume=None) -> int:
     import dataclasses
 
-    from cnnlab.experiment import run_experiment
+    from cnnlab.experiments.run import run_experiment
     results = []
     for s in range(1 if resume else cfg.seeds):
         out = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
                              progress="line" if a.quiet else "bar", argv=a.command, resume=resume)
         results.append(out.results)
     if len(results) > 1 and out.path is not None:
-        from cnnlab.report import _mean_std
+        from cnnlab.records.report import mean_std
         print(f"== {cfg.name} over {len(results)} seeds: test accuracy "
-              f"{_mean_std([r.test_accuracy for r in results if r.ok])}")
+              f"{mean_std([r.test_accuracy for r in results if r.ok])}")
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -141,7 +141,7 @@ def cmd_run(a) -> int:
 
 
 def _run_folder(path: str):
-    from cnnlab.runs import RunFolder
+    from cnnlab.records.runs import RunFolder
     run = RunFolder(Path(path))
     if not (run.path / "config.toml").is_file():
         raise CnnlabError(f"{run.path}: not a run folder (no config.toml)")
@@ -168,7 +168,7 @@ def cmd_rerun(a) -> int:
 
 
 def cmd_suite(a) -> int:
-    from cnnlab.suite import run_suite
+    from cnnlab.experiments.suite import run_suite
     if not a.suite and not a.resume:
         raise CnnlabError("suite: give a suite name or folder, or --resume SUITE_DIR")
     only = [s.strip() for s in a.only.split(",")] if a.only else None
@@ -179,7 +179,7 @@ def cmd_suite(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from cnnlab.report import write_report
+    from cnnlab.records.report import write_report
     folder = Path(a.folder)
     if not folder.is_dir():
         raise CnnlabError(f"{folder}: no such folder (give a suite folder or a runs folder)")
@@ -198,7 +198,7 @@ def cmd_evaluate(a) -> int:
     what = models[0].config.name if len(models) == 1 else f"ensemble of {len(models)} runs"
     print(f"{what} on {a.data or 'its own data'} ({a.split}, {ev.n} images): accuracy {ev.top1:.4f}{top5}"
           f"  macro F1 {ev.macro_f1:.4f}  loss {ev.loss:.4f}")
-    from cnnlab.evaluation import most_confused_pairs
+    from cnnlab.records.evaluation import most_confused_pairs
     pairs = most_confused_pairs(ev.confusion, ev.classes, 3)
     if pairs:
         print("most confused: " + "; ".join(f"{p['true']} -> {p['pred']} ({p['rate']:.1%})" for p in pairs))
@@ -208,7 +208,7 @@ def cmd_evaluate(a) -> int:
 
 def cmd_predict(a) -> int:
     from cnnlab.api import load
-    from cnnlab.predict import check_predictions_path, format_table, predict_files, write_predictions
+    from cnnlab.inference.predict import check_predictions_path, format_table, predict_files, write_predictions
     if a.out:
         check_predictions_path(Path(a.out))
     if a.topk < 1 or a.batch_size < 1:
@@ -229,7 +229,7 @@ def cmd_export(a) -> int:
     from cnnlab.api import export_run
     path, diff = export_run(_run_folder(a.run_dir).path, a.format, a.out, a.weights)
     print(f"exported {path} (+ labels.json); max |difference| of probabilities vs PyTorch on real inputs: {diff:.2e}")
-    from cnnlab.export import check_tolerance
+    from cnnlab.inference.export import check_tolerance
     check_tolerance(diff)
     return 0
 
@@ -254,7 +254,7 @@ def cmd_configs(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cnnlab.export import ExportMismatch
+    from cnnlab.inference.export import ExportMismatch
     a = build_parser().parse_args(argv)
     # What a run folder records as its command: this process's, or the arguments main() was called with.
     a.command = list(sys.argv) if argv is None else ["cnnlab", *map(str, argv)]
@@ -276,5 +276,5 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncnnlab: interrupted", file=sys.stderr)
         return 130
     finally:
-        from cnnlab import distributed
+        from cnnlab.runtime import distributed
         distributed.shutdown()

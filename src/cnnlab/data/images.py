@@ -1,6 +1,6 @@
 """How an image file becomes a stored sample: RGB, shorter side resized to S, centre-cropped to S x S.
 
-`pil_to_array` is the one definition (data sets and `cnnlab.predict` both use it); `read_image` is the unit
+`pil_to_array` is the one definition (data sets and `cnnlab.inference.predict` both use it); `read_image` is the unit
 of the decoded-image cache (`cnnlab.data.store`, which decodes each image of a data set once), and
 `decode` decodes a short list of files into one array.
 """
@@ -21,16 +21,11 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)     # what a bad image file raises
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("CNNLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
-    return Path(base)
-
-
 def pil_to_array(im: Image.Image, size: int) -> np.ndarray:
     """A PIL image -> uint8 (3, S, S): RGB, shorter side resized to `size`, centre-cropped (size 0: as is).
 
-    The one definition of how an image becomes a stored sample; data sets (via `_load_one`) and
-    `cnnlab.predict` both call it, so a new image is fed exactly as the training images were."""
+    The one definition of how an image becomes a stored sample; data sets (via `load_image`) and
+    `cnnlab.inference.predict` both call it, so a new image is fed exactly as the training images were."""
     im = im.convert("RGB")
     if size:
         w, h = im.size
@@ -42,7 +37,7 @@ def pil_to_array(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_one(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as im:
         return pil_to_array(im, size)
 
@@ -50,7 +45,7 @@ def _load_one(path: Path, size: int) -> np.ndarray:
 def read_image(path: Path, size: int) -> np.ndarray | Exception:
     """One file -> uint8 (3, S, S), or the exception that says why it cannot be read."""
     try:
-        return _load_one(path, size)
+        return load_image(path, size)
     except UNREADABLE as e:
         return e
 

@@ -2,7 +2,7 @@
 
 Training never touches a JPEG: each image is decoded once (`images.read_image`: RGB, shorter side resized
 to S, centre crop) into row i of one file, and every later run maps that file instead of reading it whole.
-In the cache folder (`images.cache_dir() / "images"`), under a key made of the image list, S and the source:
+In the cache folder (`cache_dir() / "images"`), under a key made of the image list, S and the source:
 
     <key>.u8         the images, uint8 (N, 3, S, S), row i = the i-th path (C order, no header)
     <key>.json       shape, one fingerprint (bytes, mtime) per image, the unreadable rows; "complete" once built
@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnnlab.data import images
+from cnnlab.runtime.cache import cache_dir
 from cnnlab.errors import DataError
 
 VERSION = 2
@@ -55,7 +56,7 @@ def cached_images(paths: list[Path], size: int, skip_corrupt: bool, what: str, q
 
 
 def cache_folder() -> Path:
-    return images.cache_dir() / "images"
+    return cache_dir() / "images"
 
 
 def key(paths: list[Path], size: int, what: str) -> str:
@@ -291,6 +292,6 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from cnnlab.runs import atomic_write     # local import: runs imports nothing from data
+    from cnnlab.records.io import atomic_write     # local import: runs imports nothing from data
     with atomic_write(path) as f:
         f.write(json.dumps(obj, separators=(",", ":")))     # dumps: the C encoder (dump streams in Python)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.preprocess import Normalizer
+from cnnlab.data.preprocess import Normalizer
 from cnnlab.config import ModelConfig
 from cnnlab.errors import CnnlabError, ConfigError
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from cnnlab.config import ModelConfig
 from cnnlab.models import create_model, is_registered
-from cnnlab.preprocess import Normalizer
+from cnnlab.data.preprocess import Normalizer
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn.Module, Normalizer | None, int]:

@@ -19,9 +19,9 @@ import time
 import torch
 from torch import nn
 
-from cnnlab.callbacks import EarlyStopping, Monitor, make_monitor, snapshot
+from cnnlab.training.callbacks import EarlyStopping, Monitor, make_monitor, snapshot
 from cnnlab.config import Config
-from cnnlab.engine import Batches, Trainer, fit
+from cnnlab.training.engine import Batches, Trainer, fit
 
 
 def prepare_frozen_head(cfg: Config, head: nn.Module, train: Batches, val: Batches, device: torch.device,

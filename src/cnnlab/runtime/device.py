@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab import distributed
-
-
+from cnnlab.runtime import distributed
 def resolve_device(name: str) -> torch.device:
     name = distributed.device_for(name)
     if name == "auto":
@@ -119,8 +117,8 @@ def measured_bf16_faster(model: nn.Module, shape: tuple[int, ...], device: torch
     """Whether bf16 autocast runs a step of this model faster than fp32 on this CPU; measured once (a few
     seconds) and remembered in the cache folder's precision.json, keyed by CPU, torch, threads, model and
     input shape, so every later run of the same model on this machine makes the same choice."""
-    from cnnlab.data.images import cache_dir
-    from cnnlab.runs import read_json, write_json
+    from cnnlab.runtime.cache import cache_dir
+    from cnnlab.records.io import read_json, write_json
     key = "|".join(map(str, (cpu_name(), torch.__version__, torch.get_num_threads(), model_signature(model),
                              tuple(shape), "train" if train else "eval")))
     path = cache_dir() / "precision.json"

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure     # figures on Figure, never pyplot: files only, no global state
 
-from cnnlab.plots import subplots
-from cnnlab.runs import atomic_write
+from cnnlab.records.plots import subplots
+from cnnlab.records.io import atomic_write
 
 PER_CLASS_KEYS = ("class", "support", "precision", "recall", "f1", "most_confused_with", "most_confused_rate")
 PAIR_KEYS = ("true", "pred", "count", "rate")

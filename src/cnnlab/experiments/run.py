@@ -12,23 +12,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab import allocator, distributed
-from cnnlab.augment import Augmenter
-from cnnlab.callbacks import (Callback, EarlyStopping, HistoryWriter, ModelCheckpoint, PrintLogger, ProgressBar,
+from cnnlab.runtime import allocator, distributed
+from cnnlab.data.augment import Augmenter
+from cnnlab.training.callbacks import (Callback, EarlyStopping, HistoryWriter, ModelCheckpoint, PrintLogger, ProgressBar,
                               TrackerLogger, make_monitor)
 from cnnlab.config import Config, DataConfig, to_dict
 from cnnlab.data import Dataset, load_dataset, split_train_val
 from cnnlab.data.stream import RowFile, memory_budget, place, rows_of
-from cnnlab.device import resolve_device, use_bf16
-from cnnlab.engine import FitResult, Split, Trainer, fit
+from cnnlab.runtime.device import resolve_device, use_bf16
+from cnnlab.training.engine import FitResult, Split, Trainer, fit
 from cnnlab.errors import CheckpointError, ConfigError, RunInterrupted
 from cnnlab.models import count_params, init_from_data, layers_set_from_data, summary
 from cnnlab.models.build import build_model
-from cnnlab.plots import plot_curves
-from cnnlab.preprocess import Normalizer, Preprocess
-from cnnlab.runs import Results, RunFolder, RunRecorder, environment, load_checkpoint
-from cnnlab.probe import probe_head
-from cnnlab.search import prepare_frozen_head
+from cnnlab.records.plots import plot_curves
+from cnnlab.data.preprocess import Normalizer, Preprocess
+from cnnlab.records.runs import Results, RunFolder, RunRecorder
+from cnnlab.records.io import load_checkpoint
+from cnnlab.records.meta import environment
+from cnnlab.transfer.probe import probe_head
+from cnnlab.transfer.search import prepare_frozen_head
 
 
 @dataclass
@@ -168,7 +170,7 @@ def frozen_features(model: nn.Module, name: str, preprocess: Preprocess, ds: Dat
     """Replace images by the frozen backbone's cached features; returns the feature data set and cache info."""
     if not hasattr(model, "backbone"):
         raise ConfigError(f"{source}: [train] freeze_backbone = true needs a backbone model, not {name!r}")
-    from cnnlab.features import feature_array, release_compiled, weights_fingerprint
+    from cnnlab.transfer.features import feature_array, release_compiled, weights_fingerprint
     ident = {"backbone": name, "weights": weights_fingerprint(model.backbone)}
     args = (preprocess.normalizer(), preprocess.input_size, preprocess.eval_crop, device, bf16)
     kw = {"quiet": quiet, "flip_average": model.flip_average}
@@ -291,7 +293,7 @@ def finish(trainer: Trainer, fitted: FitResult, splits: Splits, test_images: tor
            checkpoint: ModelCheckpoint, stopper: EarlyStopping | None, recorder: RunRecorder, cfg: Config,
            notes: list[str], extra: dict) -> Results:
     """Score the reported weights (restored best, else last) on the test split, write the results and figures."""
-    from cnnlab.evaluation import evaluate_logits, write_evaluation
+    from cnnlab.records.evaluation import evaluate_logits, write_evaluation
     seconds = sum(h["seconds"] for h in trainer.history)
     restored = bool(stopper and stopper.restored)
     res = Results(name=cfg.name, status="diverged" if fitted.diverged else "ok", label=cfg.report.label or cfg.name,

@@ -29,7 +29,7 @@ class Normalizer:
         """Per-channel mean and std of x/255 over all pixels (float64 sums, chunked to bound memory).
         x may be streamed (cnnlab.data.stream.Rows, read by slices); under torchrun each process reads
         every world-th chunk and the sums are added up across processes."""
-        from cnnlab import distributed
+        from cnnlab.runtime import distributed
         rank, world = distributed.info().rank, distributed.info().world
         s = torch.zeros(3, dtype=torch.float64)
         s2 = torch.zeros(3, dtype=torch.float64)

@@ -9,7 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
-from cnnlab.runs import RunFolder, atomic_write, read_json
+from cnnlab.records.runs import RunFolder
+from cnnlab.records.io import atomic_write, read_json
 
 
 def find_runs(folder: Path) -> list[RunFolder]:
@@ -25,7 +26,7 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
-def _mean_std(values: list[float], digits: int = 4) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "–"
@@ -92,7 +93,7 @@ def results_table(groups) -> list[str]:
         epochs = "/".join(sorted({str(r.get("epochs_run", "?")) for _, r in items}))
         if res0.get("epochs_max") and any(r.get("stopped_early") for _, r in items):
             epochs += f" (max {res0['epochs_max']})"
-        col = lambda key, digits=4: _mean_std([r.get(key) for r in ok], digits)  # noqa: E731
+        col = lambda key, digits=4: mean_std([r.get(key) for r in ok], digits)  # noqa: E731
         lines.append(f"| {res0.get('label', name)}{seeds} | {res0.get('model', '?')} | {res0.get('optimizer', '?')} | "
                      f"{epochs} | {res0.get('batch_size', '?')} | {col('test_accuracy')} | {col('test_top5')} | "
                      f"{col('test_macro_f1')} | {col('test_loss')} | {col('seconds', 1)} | "
@@ -102,7 +103,7 @@ def results_table(groups) -> list[str]:
 
 def compare_figures(folder: Path, groups: dict, compare: list[dict]) -> list[str]:
     """One figure per [[compare]] pair: both rows' validation accuracy and loss overlaid (band = seeds' min-max)."""
-    from cnnlab.analysis import plot_compare
+    from cnnlab.records.analysis import plot_compare
     lines = []
     for i, c in enumerate(compare, 1):
         hist = {key: [run.read_history() for run, r in groups.get(c[key], []) if r.get("status") == "ok"]
@@ -119,7 +120,7 @@ def compare_figures(folder: Path, groups: dict, compare: list[dict]) -> list[str
 def row_section(folder: Path, name: str, items) -> list[str]:
     """A row's curves read for the student (best epoch, gap, overfitting onset), its most confused classes,
     and its figures (curves, confusion matrix, most confident errors) of the first seed."""
-    from cnnlab.analysis import curve_summary, describe
+    from cnnlab.records.analysis import curve_summary, describe
     run, res = items[0]
     rel = run.path.relative_to(folder) if run.path != folder else Path(".")
     seed = f" (seed {res.get('seed')})" if len(items) > 1 else ""

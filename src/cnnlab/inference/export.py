@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.preprocess import Preprocess
-from cnnlab.runs import write_json
+from cnnlab.data.preprocess import Preprocess
+from cnnlab.records.io import write_json
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_TOLERANCE = 1e-4     # max |probability difference| between the exported file and PyTorch

@@ -24,9 +24,9 @@ import time
 import torch
 from torch import nn
 
-from cnnlab.callbacks import EarlyStopping
+from cnnlab.training.callbacks import EarlyStopping
 from cnnlab.config import TrainConfig
-from cnnlab.engine import Batches, Trainer, fit
+from cnnlab.training.engine import Batches, Trainer, fit
 
 PROBE_LR = 1e-3
 PROBE_BATCH = 64

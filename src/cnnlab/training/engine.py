@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import distributed, threads
-from cnnlab.augment import Augmenter, alternating_flips, resize, train_side
-from cnnlab.callbacks import Callback
+from cnnlab.runtime import distributed, threads
+from cnnlab.data.augment import Augmenter, alternating_flips, resize, train_side
+from cnnlab.training.callbacks import Callback
 from cnnlab.config import TrainConfig
 from cnnlab.data.stream import Batches, Streamed
-from cnnlab.device import autocast, precision_is_measured, use_bf16
+from cnnlab.runtime.device import autocast, precision_is_measured, use_bf16
 from cnnlab.models.build import inference_model
-from cnnlab.preprocess import Normalizer, center_crop
+from cnnlab.data.preprocess import Normalizer, center_crop
 
 
 # ---------------------------------------------------------------- optimizer and schedule

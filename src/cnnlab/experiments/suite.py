@@ -23,14 +23,15 @@ import time
 import traceback
 from pathlib import Path
 
-from cnnlab import distributed
-from cnnlab.threads import cpu_capacity
+from cnnlab.runtime import distributed
+from cnnlab.runtime.threads import cpu_capacity
 from cnnlab.config import Config, load_config, read_toml
 from cnnlab.configs import data_preset, suite_files
 from cnnlab.errors import CnnlabError, DataMissing, RunInterrupted
-from cnnlab.experiment import DataCache, run_experiment
-from cnnlab.report import write_report
-from cnnlab.runs import Results, RunFolder, RunRecorder, read_json, write_json
+from cnnlab.experiments.run import DataCache, run_experiment
+from cnnlab.records.report import write_report
+from cnnlab.records.runs import Results, RunFolder, RunRecorder
+from cnnlab.records.io import read_json, write_json
 
 SUITE_FILE = "_suite.toml"      # optional, in a suite folder: [[compare]] a = "row", b = "row", label = "..."
 
@@ -168,7 +169,7 @@ def _run_parallel(work: list, jobs: int, argv) -> int:
     worker that dies (killed, out of memory) costs only its row: that row is recorded as failed and a fresh
     worker takes the next one, where a broken process pool would take every pending row with it."""
     jobs = min(jobs, len(work))
-    threads = max(1, int(cpu_capacity()) // jobs)     # affinity and cgroup quota, as cnnlab.threads counts
+    threads = max(1, int(cpu_capacity()) // jobs)     # affinity and cgroup quota, as cnnlab.runtime.threads counts
     print(f"suite: {len(work)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each", flush=True)
     todo, failures, done = list(work), 0, 0
     workers = [_Worker(threads, argv) for _ in range(jobs)]
@@ -237,7 +238,7 @@ class _Worker:
 
 def _worker_main(conn, threads: int, argv) -> None:
     import torch
-    # The cap cnnlab.threads works under (it only ever lowers it); a count pinned by OMP_NUM_THREADS stays.
+    # The cap cnnlab.runtime.threads works under (it only ever lowers it); a count pinned by OMP_NUM_THREADS stays.
     torch.set_num_threads(min(threads, torch.get_num_threads()))
     cache = DataCache()                 # each data set loaded once per worker
     while (item := conn.recv()) is not None:
@@ -255,7 +256,7 @@ def _outcome(path: Path) -> str:
 
 
 def _checkpoint_epoch(run: RunFolder) -> int:
-    from cnnlab.runs import load_checkpoint
+    from cnnlab.records.io import load_checkpoint
     return int(load_checkpoint(run.checkpoints / "last.pt")["epoch"])
 
 

@@ -173,7 +173,7 @@ def configure(model=None, device=None) -> int:
     """Call at the start of fit (and of any long CPU loop): sets torch's threads to the free cores.
     Returns the thread count in effect. (model is not used: the engine's call passes it.)"""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    from cnnlab import distributed
+    from cnnlab.runtime import distributed
     if dev.type != "cpu" or _pinned() or distributed.info().enabled:
         _state.active = False         # GPU: the CPU threads hardly matter; torchrun: the ranks share the cores
         return torch.get_num_threads()

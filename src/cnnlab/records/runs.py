@@ -10,116 +10,26 @@ runs/<name>-<YYYYmmdd-HHMMSS>[-N]/
   checkpoints/best.pt  the best epoch's weights (by the run's one monitor: early stopping's, else [checkpoint]'s)
   checkpoints/backbone.pt  frozen-feature runs: the frozen backbone (the checkpoints hold the head)
   classes.json         class names in label order
-  preprocess.json      how images become network inputs (cnnlab.preprocess.Preprocess)
+  preprocess.json      how images become network inputs (cnnlab.data.preprocess.Preprocess)
   accuracy.png, loss.png
   per_class.csv, confusion.png, confused_pairs.csv, errors.png   the test-split evaluation
 
-`RunRecorder` is the only writer of a run folder: under torchrun only rank 0 has a real one, the other
+Files are written by cnnlab.records.io (atomic). `RunRecorder` is the only writer of a run folder: under torchrun only rank 0 has a real one, the other
 ranks get a recorder whose writes do nothing (nanoGPT's single `master_process` flag, in one place).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tomli_w
-import torch
 
-from cnnlab.errors import CheckpointError
+from cnnlab.records.io import atomic_write, save_checkpoint, write_json, read_json
 
 HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-# mkstemp makes 0600 files; a finished file gets the mode a plain open() would have given it, so a lab
-# group sharing a runs folder (or a web server showing reports) can read it.
-_FILE_MODE = 0o666 & ~_umask()
-
-
-@contextmanager
-def atomic_write(path: str | Path, mode: str = "w"):
-    """Write to a temporary file beside `path`, fsync, then rename over it: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def save_checkpoint(path: Path, obj: dict) -> None:
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, argv: list[str] | None = None) -> dict:
-    from cnnlab import __version__
-    return {"cnnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "git_commit": git_commit(),
-            "command": list(argv if argv is not None else sys.argv), "cwd": os.getcwd(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class RunFolder:
@@ -233,7 +143,7 @@ class RunRecorder:
 
     def start_trackers(self, names: list[str], config: dict, mlflow_uri: str) -> None:
         if self.folder and names:
-            from cnnlab.trackers import make_trackers
+            from cnnlab.records.trackers import make_trackers
             self.trackers = make_trackers(names, self.folder.path, config, mlflow_uri)
 
     def write_json(self, name: str, obj) -> None:

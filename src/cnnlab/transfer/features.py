@@ -12,7 +12,7 @@ features with the runs that use only those.
 
 A long extraction on the CPU (should_compile) runs the backbone compiled by inductor with freezing
 (weights folded in as constants, BatchNorm folded into the convolutions, oneDNN weights prepacked). On a
-2-core AVX2 EPYC, with the allocator setting of a cnnlab run (cnnlab.allocator), that is 1.39x the eager
+2-core AVX2 EPYC, with the allocator setting of a cnnlab run (cnnlab.runtime.allocator), that is 1.39x the eager
 speed for EfficientNet-Lite0, 1.09x for ConvNeXt-tiny and 1.02-1.10x for ResNet50 (1.5x with glibc's
 default allocator, whose page faults slow eager more), for ~25-35 s of compiling once per process
 (benchmarks/extract_compile.py). Its features agree with eager ones to float rounding (~1e-6 relative).
@@ -38,11 +38,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cnnlab.data.images import cache_dir
+from cnnlab.runtime.cache import cache_dir
 from cnnlab.data.stream import Rows, RowFile, Streamed, rows_of
-from cnnlab.device import autocast
+from cnnlab.runtime.device import autocast
 from cnnlab.models.backbones import mean_of_views
-from cnnlab.preprocess import Normalizer, center_crop
+from cnnlab.data.preprocess import Normalizer, center_crop
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor, file: RowFile | None = None) -> str:
@@ -287,5 +287,5 @@ def load_cached(ident: dict, n: int) -> np.memmap | None:
 
 def write_identity(ident: dict) -> None:
     """Written after the features: a .json beside a .npy says the .npy is complete."""
-    from cnnlab.runs import write_json
+    from cnnlab.records.io import write_json
     write_json(feature_path(ident).with_suffix(".json"), ident)

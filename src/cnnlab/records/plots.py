@@ -7,7 +7,7 @@ from pathlib import Path
 # cnnlab leaves a notebook's inline backend as it found it.
 from matplotlib.figure import Figure
 
-from cnnlab.runs import atomic_write
+from cnnlab.records.io import atomic_write
 
 
 def subplots(nrows: int = 1, ncols: int = 1, figsize=(6.4, 4.8), dpi: int = 100):

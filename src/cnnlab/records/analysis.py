@@ -12,8 +12,8 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
-from cnnlab.plots import subplots
-from cnnlab.runs import atomic_write
+from cnnlab.records.plots import subplots
+from cnnlab.records.io import atomic_write
 
 
 def _epoch(h: dict, i: int) -> int:

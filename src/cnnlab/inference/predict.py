@@ -4,7 +4,7 @@ Every input, whatever its kind, goes through the same two steps as the data set 
 
   1. `cnnlab.data.images.pil_to_array`: RGB conversion (grayscale, RGBA, CMYK, palette all become RGB),
      shorter side resized to `Preprocess.image_size`, centre crop -> uint8 (3, S, S). File paths are
-     decoded with `_load_one`, the very function that built the data set; arrays and tensors are turned
+     decoded with `load_image`, the very function that built the data set; arrays and tensors are turned
      into PIL images first, so no second copy of the resize logic exists to drift out of step;
   2. `Preprocess.__call__` (x/255, mean/std, eval crop) -> model -> softmax, in batches, eval mode, no grad.
 
@@ -35,10 +35,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from cnnlab.data.images import IMAGE_EXTS, _load_one, pil_to_array
+from cnnlab.data.images import IMAGE_EXTS, load_image, pil_to_array
 from cnnlab.errors import CnnlabError, DataError
-from cnnlab.preprocess import Preprocess
-from cnnlab.runs import atomic_write
+from cnnlab.data.preprocess import Preprocess
+from cnnlab.records.io import atomic_write
 
 PREDICTION_FORMATS = (".csv", ".json")
 # What Pillow raises for a file that is not an image, is truncated or is absurdly large.
@@ -123,7 +123,7 @@ def to_array(item, size: int) -> np.ndarray:
     """One image of any accepted kind -> uint8 (3, size, size), exactly as the data set decoded files."""
     if isinstance(item, (str, os.PathLike)):
         try:
-            return _load_one(Path(item), size)
+            return load_image(Path(item), size)
         except FileNotFoundError:
             raise DataError(f"{item}: image file not found") from None
         except _DECODE_ERRORS as e:
@@ -223,7 +223,7 @@ def _decode_file(path: Path, size: int) -> np.ndarray | str:
     if path.is_dir():
         return "is a folder"
     try:
-        return _load_one(path, size)
+        return load_image(path, size)
     except UnidentifiedImageError:
         return "not an image Pillow can read"
     except _DECODE_ERRORS as e:

@@ -1,0 +1,1 @@
+"""Using a trained run: loading it, predicting, evaluating, exporting."""

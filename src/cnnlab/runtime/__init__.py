@@ -1,0 +1,1 @@
+"""Where a run executes: the device and its precision, processes (torchrun), CPU threads, the allocator."""

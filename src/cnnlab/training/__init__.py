@@ -1,0 +1,1 @@
+"""The training loop (engine) and the work done around it (callbacks)."""
