@@ -6,6 +6,7 @@ as backbones (timm, torchvision, or `package.module:function`) in `cnnlab.models
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -46,14 +47,20 @@ def is_registered(name: str) -> bool:
     return name in _MODELS
 
 
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """A registered model by name. Backbones (timm/torchvision/custom) go through backbones.create_backbone."""
+def create_model(name: str, num_classes: int, image_size: int | None = None, **kwargs) -> nn.Module:
+    """A registered model by name. Backbones (timm/torchvision/custom) go through backbones.create_backbone.
+
+    image_size: the side of the square inputs, passed to functions that take an `image_size` argument (the
+    practice's nets size their first dense layer from it, as Keras does); None keeps the function's default."""
     _load_builtin()
     if name not in _MODELS:
         raise ConfigError(f"[model] name = {name!r} is not a registered model; `cnnlab models` lists them "
                           f"(or use a timm/torchvision backbone name, or package.module:function)")
+    fn = _MODELS[name]
+    if image_size is not None and "image_size" in inspect.signature(fn).parameters:
+        kwargs["image_size"] = image_size
     try:
-        return _MODELS[name](num_classes=num_classes, **kwargs)
+        return fn(num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as e:       # an unknown or bad argument in [model] args
         raise ConfigError(f"[model.args] for {name!r}: {e}") from None
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.config import ModelConfig
+from cnnlab.errors import ConfigError
 from cnnlab.models import create_model, is_registered
 from cnnlab.data.preprocess import Normalizer
 
@@ -16,7 +17,10 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
     cnnlab's registered models see the stored images as they are (image_size); a backbone sees
     [model] input_size, else its weights' own input size."""
     if is_registered(cfg.name):
-        return create_model(cfg.name, num_classes, **cfg.args), None, image_size
+        if "image_size" in cfg.args:      # the data's size is what the model sees; a second one would disagree
+            raise ConfigError(f"[model.args] image_size: {cfg.name!r} is built for the images' own size; "
+                              f"remove it and set [data] image_size instead")
+        return create_model(cfg.name, num_classes, image_size, **cfg.args), None, image_size
     from cnnlab.models.backbones import build_transfer_model
     return build_transfer_model(cfg, num_classes)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnlab.errors import ConfigError
 from cnnlab.models import keras_init_, mean_probability_logits, register_model
 
 
@@ -22,18 +23,65 @@ def keras_batchnorm(n: int, dims: int = 2) -> nn.Module:
     return cls(n, eps=1e-3, momentum=0.01)
 
 
+def _side_after(layer: nn.Module, n: int) -> int:
+    """The side of a square n x n input after `layer` (PyTorch's output-size formula), without running it."""
+    if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)) and not getattr(layer, "ceil_mode", False):
+        if layer.padding == "same":
+            return n
+        first = lambda v: v[0] if isinstance(v, tuple) else v      # noqa: E731  (square kernels here)
+        k, st, d = first(layer.kernel_size), first(layer.stride), first(layer.dilation)
+        p = 0 if layer.padding == "valid" else first(layer.padding)
+        span = n + 2 * p - d * (k - 1) - 1
+        return span // st + 1 if span >= 0 else 0
+    if isinstance(layer, (nn.ReLU, nn.modules.batchnorm._BatchNorm)):
+        return n
+    raise TypeError(f"_side_after: no output-size rule for {type(layer).__name__}")
+
+
+def _dense_inputs(features: list[nn.Module], image_size: int, name: str) -> int:
+    """What Keras's Flatten() hands the first Dense layer for image_size x image_size inputs: channels x side^2.
+
+    Arithmetic, not a forward pass: nothing runs and no random numbers are drawn, so the layers built after
+    it (and keras_init_) see the same RNG stream at every size. An input that some layer shrinks to nothing
+    is a ConfigError naming that layer and the smallest size that works."""
+    def first_empty(n: int) -> tuple[int, int] | None:
+        for i, layer in enumerate(features):
+            n = _side_after(layer, n)
+            if n < 1:
+                return i, n
+        return None
+
+    n = int(image_size)
+    if (empty := first_empty(n)) is not None:
+        i, side = empty
+        smallest = next(s for s in range(n + 1, 1 << 16) if first_empty(s) is None)
+        raise ConfigError(f"{n}x{n} images are too small for {name}: layer {i} ({type(features[i]).__name__}) "
+                          f"would make them {max(side, 0)}x{max(side, 0)}; use [data] image_size >= {smallest}")
+    for layer in features:
+        n = _side_after(layer, n)
+    channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
+    return channels * n * n
+
+
 @register_model
-def basenet(num_classes: int = 25, in_channels: int = 3) -> nn.Module:
-    """The seed's BaseNet: conv5(6)-pool-conv5(16)-pool-dense(50)-dense(classes); 24,197 params for 25 classes."""
-    model = nn.Sequential(
+def basenet(num_classes: int = 25, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """The seed's BaseNet: conv5(6)-pool-conv5(16)-pool-dense(50)-dense(classes); 24,197 params for 25 classes.
+
+    That count is at 32x32 (the first dense layer has 16 x 5 x 5 inputs); like Keras's Flatten-Dense, the
+    dense layer is sized from `image_size` (build_model passes the data's)."""
+    features = [
         nn.Conv2d(in_channels, 6, 5), nn.MaxPool2d(2), nn.ReLU(),     # = ReLU then pool (see module doc)
-        nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 5 * 5, 50), nn.ReLU(), nn.Linear(50, num_classes))
+        nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU()]
+    model = nn.Sequential(
+        *features, nn.Flatten(), nn.Linear(_dense_inputs(features, image_size, "basenet"), 50), nn.ReLU(),
+        nn.Linear(50, num_classes))
     return keras_init_(model)
 
 
-def _deep(num_classes: int, bn: str | None) -> nn.Module:
-    """The seed's deeper net (ejercicio 2.3); bn = 'pre' puts BatchNorm before ReLU (2.4.1), 'post' after (2.4.2)."""
+def _deep(num_classes: int, bn: str | None, image_size: int, name: str) -> nn.Module:
+    """The seed's deeper net (ejercicio 2.3); bn = 'pre' puts BatchNorm before ReLU (2.4.1), 'post' after (2.4.2).
+
+    The first dense layer is sized from `image_size` (32 x 5 x 5 inputs at 32x32), as Keras's Flatten-Dense."""
     def act(n: int, dims: int = 2) -> list[nn.Module]:
         if bn == "pre":
             return [keras_batchnorm(n, dims), nn.ReLU()]
@@ -48,35 +96,36 @@ def _deep(num_classes: int, bn: str | None) -> nn.Module:
             return layers[:-1] + [nn.MaxPool2d(2), nn.ReLU()]
         return layers + [nn.MaxPool2d(2)]
 
-    model = nn.Sequential(
+    features = [
         nn.Conv2d(3, 6, 5), *act(6),                          # 32 -> 28
         nn.Conv2d(6, 16, 3, padding=1), *act_pool(16),        # -> 14
         nn.Conv2d(16, 16, 3, padding=1), *act(16),
         nn.Conv2d(16, 24, 3, padding=1), *act(24),
-        nn.Conv2d(24, 32, 5), *act_pool(32),                  # -> 10 -> 5
-        nn.Flatten(),
-        nn.Linear(32 * 5 * 5, 100), *act(100, 1),
+        nn.Conv2d(24, 32, 5), *act_pool(32)]                  # -> 10 -> 5
+    model = nn.Sequential(
+        *features, nn.Flatten(),
+        nn.Linear(_dense_inputs(features, image_size, name), 100), *act(100, 1),
         nn.Linear(100, 50), *act(50, 1),
         nn.Linear(50, num_classes))
     return keras_init_(model)
 
 
 @register_model
-def deepnet(num_classes: int = 25) -> nn.Module:
+def deepnet(num_classes: int = 25, image_size: int = 32) -> nn.Module:
     """The seed's deeper net (2.3): five convolutions, two pools, dense 100-50-classes."""
-    return _deep(num_classes, None)
+    return _deep(num_classes, None, image_size, "deepnet")
 
 
 @register_model
-def deepnet_bn_pre(num_classes: int = 25) -> nn.Module:
+def deepnet_bn_pre(num_classes: int = 25, image_size: int = 32) -> nn.Module:
     """The deeper net with BatchNorm before each ReLU (2.4.1)."""
-    return _deep(num_classes, "pre")
+    return _deep(num_classes, "pre", image_size, "deepnet_bn_pre")
 
 
 @register_model
-def deepnet_bn_post(num_classes: int = 25) -> nn.Module:
+def deepnet_bn_post(num_classes: int = 25, image_size: int = 32) -> nn.Module:
     """The deeper net with BatchNorm after each ReLU (2.4.2)."""
-    return _deep(num_classes, "post")
+    return _deep(num_classes, "post", image_size, "deepnet_bn_post")
 
 
 def _conv_bn(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
