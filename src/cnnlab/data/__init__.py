@@ -8,6 +8,7 @@ streams it from that file in batches when it does not.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,8 @@ class Dataset:
     name: str = ""
     # "x_train" / "x_test" -> the file (a RowFile) a memory-mapped x_train / x_test is read from; none in memory
     files: dict = field(default_factory=dict)
+    # [data] skip_corrupt: the (path, reason) of each image left out; a run lists them in skipped_images.txt
+    skipped: list = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -55,8 +58,12 @@ def load_dataset(cfg: DataConfig, quiet: bool = False) -> Dataset:
     from cnnlab.data import cifar, cub, imagefolder, synthetic  # noqa: F401  (register the sources)
     if cfg.source not in SOURCES:
         raise DataError(f"[data] source = {cfg.source!r} is not a data source; choose one of {', '.join(sorted(SOURCES))}")
+    from cnnlab.data.images import skipped_images, skipped_summary
     from cnnlab.data.stream import RowFile
-    xtr, ytr, xte, yte, names = SOURCES[cfg.source](cfg, quiet=quiet)
+    with skipped_images() as skipped:         # one line for all skipped images, not one warning each
+        xtr, ytr, xte, yte, names = SOURCES[cfg.source](cfg, quiet=quiet)
+    if skipped:
+        print(skipped_summary(cfg.source, skipped), file=sys.stderr)
     keep = resolve_classes(cfg.classes, names, cfg.source)
     files = {}
     for split, x, y, cap in (("train", xtr, ytr, cfg.max_train_per_class), ("test", xte, yte, cfg.max_test_per_class)):
@@ -68,7 +75,7 @@ def load_dataset(cfg: DataConfig, quiet: bool = False) -> Dataset:
         else:
             xte, yte = xs, ys
     return Dataset(to_nchw(xtr), torch.from_numpy(ytr), to_nchw(xte), torch.from_numpy(yte),
-                   [names[k] for k in keep], cfg.source, files)
+                   [names[k] for k in keep], cfg.source, files, skipped)
 
 
 def resolve_classes(spec: int | list, names: list[str], source: str) -> list[int]:

@@ -29,7 +29,6 @@ DataError naming it, or is skipped with a warning when `[data] skip_corrupt = tr
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -38,6 +37,7 @@ import numpy as np
 from cnnlab.config import DataConfig
 from cnnlab.data import register_source
 from cnnlab.data.download import check_md5, download, extract, missing_error, resolve_data_dir
+from cnnlab.data.images import report_skipped
 from cnnlab.data.store import cached_images
 from cnnlab.errors import DataError, DataMissing
 
@@ -195,7 +195,7 @@ def check_present(records: list, folder: Path, title: str, skip: bool) -> list:
         if not skip:
             raise DataError(f"{msg}; the copy is incomplete: delete {folder / 'images'} and let cnnlab extract "
                             f"the archive again, or set [data] skip_corrupt = true to skip them")
-        warnings.warn(f"{msg}; skipping them", stacklevel=3)
+        report_skipped(title, [(p, "listed but missing") for p in missing])
         records = [r for r in records if r[0].is_file()]
     return records
 

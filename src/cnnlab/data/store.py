@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -178,7 +177,10 @@ def write_rows(file: str, shape: tuple, size: int, rows: list[int], paths: list[
     buf = np.zeros((len(rows), *shape[1:]), dtype=np.uint8)
     bad = {}
     for j, p in enumerate(paths):
-        arr = images.read_image(Path(p), size)
+        # size 0: an image of another size is refused from its header, before its pixels are decoded
+        arr = None if size else images.wrong_size(Path(p), tuple(shape[1:]))
+        if arr is None:
+            arr = images.read_image(Path(p), size)
         if isinstance(arr, Exception):
             bad[str(rows[j])] = f"{type(arr).__name__}: {arr}"
         elif arr.shape != tuple(shape[1:]):
@@ -218,14 +220,11 @@ def readable(base: Path, meta: dict, paths: list[Path], skip_corrupt: bool, what
     mixed = [r for r, e in bad.items() if "image_size" in e]
     if mixed:
         raise DataError(f"{what}: images have different sizes ({paths[mixed[0]]}: {bad[mixed[0]]})")
-    for k, r in enumerate(sorted(bad)):
-        if not skip_corrupt:
-            raise DataError(f"{what}: cannot read image {paths[r]} ({bad[r]}); remove or replace it, "
-                            f"or set [data] skip_corrupt = true to skip unreadable images")
-        if k < 10:
-            warnings.warn(f"{what}: skipping unreadable image {paths[r]} ({bad[r]})", stacklevel=3)
-    if len(bad) > 10:
-        warnings.warn(f"{what}: skipping {len(bad) - 10} more unreadable images", stacklevel=3)
+    if bad and not skip_corrupt:
+        r = min(bad)
+        raise DataError(f"{what}: cannot read image {paths[r]} ({bad[r]}); remove or replace it, "
+                        f"or set [data] skip_corrupt = true to skip unreadable images")
+    images.report_skipped(what, [(paths[r], bad[r]) for r in sorted(bad)])
     if not keep.any():
         raise DataError(f"{what}: no readable images")
     shape = meta["shape"]

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,11 +74,55 @@ def save_checkpoint(path: Path, obj: dict) -> None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code.
+
+    A file that does not load is one CheckpointError saying what is wrong with it (truncated, damaged, not a
+    cnnlab checkpoint) and what to do; never torch's advice to load it with weights_only off."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():      # torch's notes on pickle protocols: the verdict below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint: {_what_is_wrong(path, e)}; {_way_out(path)}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: cannot load checkpoint: not a cnnlab checkpoint (a PyTorch file, but not a "
+                              f"dict with the 'model' weights cnnlab saves); {_way_out(path)}")
+    return state
+
+
+def _what_is_wrong(path: Path, e: Exception) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        return "the file is empty (0 bytes), so truncated: a copy or transfer was cut short"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive whose directory comes last: without it, the end is missing
+        return f"the file is truncated ({size:,} bytes, its end is missing): a copy or transfer was cut short"
+    if isinstance(e, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a {found.group(1)} object" if found else "Python objects besides tensors"
+        return (f"not a cnnlab checkpoint: it holds {what}, and cnnlab loads only tensors and plain containers "
+                f"(unpickling other objects can run any code)")
+    if isinstance(e, EOFError):
+        return f"the file is truncated ({size:,} bytes, its end is missing)"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "not a cnnlab checkpoint (not a PyTorch file at all)"
+    return f"the file is damaged, or not a cnnlab checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def _way_out(path: Path) -> str:
+    """What to do instead: the run's other checkpoint where it exists, else a new copy or a new run."""
+    folder = path.parent
+    run = folder.parent if folder.name == "checkpoints" else folder
+    other = {"best.pt": "last", "last.pt": "best"}.get(path.name)
+    if not (run / "config.toml").is_file():
+        return "give a checkpoint cnnlab wrote (checkpoints/best.pt or last.pt of a run folder)"
+    tips = []
+    if other and (folder / f"{other}.pt").is_file():
+        tips.append(f"the run's {other} weights may be intact: use --weights {other} with evaluate, predict or export")
+    tips.append(f"copy the run folder again from where it came from, or train it again: cnnlab rerun {run}")
+    return "; or ".join(tips)
