@@ -25,6 +25,7 @@ import torch
 
 from common import benchmark_backbone
 
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.runtime import allocator
 from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
@@ -57,9 +58,9 @@ def measure(name: str, n: int, batch: int, keep: bool) -> dict:
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(1))
     net = TransferNet(backbone, nf, 10, [400])
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=batch)
-    trainer = Trainer(net, cfg, cpu, 0, norm, Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
+    trainer = Trainer(net, cfg, cpu, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0), Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
     def features(images: torch.Tensor, compile: bool) -> torch.Tensor:
-        return extract(backbone, images, norm, size, 0.875, cpu, False, batch, quiet=True, compile=compile)
+        return extract(backbone, images, Preprocess.from_normalizer(norm, images.shape[-1], size, 0.875), cpu, False, batch, quiet=True, compile=compile)
 
     out = {}
     features(x[:batch], False)                                                                     # warm-up

@@ -50,7 +50,7 @@ def cnnlab_fit(npz: Path, recipe: str, epochs: int, device: str = "cpu") -> dict
     from cnnlab.data.augment import Augmenter
     from cnnlab.config import from_dict
     from cnnlab.data import Dataset
-    from cnnlab.experiments.run import prepare_splits
+    from cnnlab.experiments.prepare import prepare_splits
     from cnnlab.models import create_model
 
     _, model, raw = RECIPES[recipe]
@@ -61,9 +61,9 @@ def cnnlab_fit(npz: Path, recipe: str, epochs: int, device: str = "cpu") -> dict
     raw = {**raw, "train": {**raw["train"], "epochs": epochs}, "data": {"source": "synthetic", "val_split": "last"}}
     cfg = from_dict(raw)
     dev = torch.device(device)
-    sp = prepare_splits(ds, cfg.data, cfg.train.normalize, 0, dev)
+    sp, pre = prepare_splits(ds, cfg.data, cfg.train.normalize, 0, dev)
     torch.manual_seed(0)
-    tr = engine.Trainer(create_model(model, 25), cfg.train, dev, 0, sp.normalizer, Augmenter(cfg.augment))
+    tr = engine.Trainer(create_model(model, 25), cfg.train, dev, 0, pre, Augmenter(cfg.augment))
     # cnnlab's engine calls threads.configure at the start of fit, threads.on_step after each step and
     # threads.on_epoch_end after each epoch; whichever of these this engine does not call yet is called
     # here, from a callback, at the same place.

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.runtime import threads
 from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
@@ -66,7 +67,7 @@ def recipe(name: str, steps: int | None, device: torch.device):
         else:
             cfg, model = TrainConfig(optimizer="adam", batch_size=bs), create_model("deepnet_bn_pre", 25)
             norm, aug = Normalizer.fit(x[:n_tr]), Augmenter(AugmentConfig(zoom=0.2, hflip=True))
-        tr = Trainer(model, cfg, device, 0, norm, aug)
+        tr = Trainer(model, cfg, device, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0), aug)
         desc = f"{name}: {cfg.optimizer}, batch {bs}, {n_tr} training / {n_va} validation images"
     elif name == "resnet50":
         from cnnlab.models.backbones import TransferNet, create_backbone
@@ -77,7 +78,7 @@ def recipe(name: str, steps: int | None, device: torch.device):
         backbone, nf, norm, size = create_backbone("resnet50", "none")
         cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=bs)
         aug = Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size)
-        tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, device, 0, norm, aug,
+        tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, device, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0), aug,
                      image_size=size, eval_crop=0.875)
         desc = f"resnet50 at {size}: sgd momentum 0.9, batch {bs}, {n_tr} training / {n_va} validation images (256 stored)"
     else:

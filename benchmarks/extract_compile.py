@@ -21,6 +21,7 @@ import torch
 
 from common import benchmark_backbone
 
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.runtime import allocator
 from cnnlab.transfer.features import extract, flops_per_image
 
@@ -31,10 +32,10 @@ def measure(name: str, n: int, batch: int, bf16: bool) -> dict:
 
     def timed(images: torch.Tensor, compile: bool) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        f = extract(backbone, images, norm, size, 0.875, cpu, bf16, batch, quiet=True, compile=compile)
+        f = extract(backbone, images, Preprocess.from_normalizer(norm, images.shape[-1], size, 0.875), cpu, bf16, batch, quiet=True, compile=compile)
         return f, time.perf_counter() - t0
 
-    extract(backbone, x[:batch], norm, size, 0.875, cpu, bf16, batch, quiet=True, compile=False)    # warm-up
+    extract(backbone, x[:batch], Preprocess.from_normalizer(norm, x.shape[-1], size, 0.875), cpu, bf16, batch, quiet=True, compile=False)    # warm-up
     eager, t_eager = timed(x, False)
     _, t_compile = timed(x[:batch], True)
     compiled, t_compiled = timed(x, True)

@@ -52,36 +52,36 @@ def child(mode: str, steps: int, keep: bool) -> dict:
     from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig, DataConfig, TrainConfig
     from cnnlab.training.engine import Batches, Trainer, fit
-    from cnnlab.experiments.run import prepare_splits
+    from cnnlab.experiments.prepare import prepare_splits
     from cnnlab.transfer.features import extract
     from cnnlab.models import create_model
     from cnnlab.models.backbones import TransferNet, create_backbone
-    from cnnlab.data.preprocess import Normalizer
+    from cnnlab.data.preprocess import Preprocess
     cpu = torch.device("cpu")
     if keep:
         assert allocator.keep_freed_memory(), "cnnlab.runtime.allocator did not apply here (not glibc, or MALLOC_* set)"
     base = vm("VmRSS")                                  # torch and cnnlab imported, nothing else
     if mode == "cifar":
         ds = dataset(12500, 2500, 32, 25)
-        sp = prepare_splits(ds, DataConfig(val_fraction=0.1), "featurewise", 0, cpu)
+        sp, pre = prepare_splits(ds, DataConfig(val_fraction=0.1), "featurewise", 0, cpu)
         cfg = TrainConfig(optimizer="adam", batch_size=32, epochs=1)
-        tr = Trainer(create_model("deepnet_bn_pre", 25), cfg, cpu, 0, sp.normalizer,
+        tr = Trainer(create_model("deepnet_bn_pre", 25), cfg, cpu, 0, pre,
                      Augmenter(AugmentConfig(zoom=0.2, hflip=True)))
         fit(tr, sp.train, sp.val)
         tr.evaluate(sp.test)
     else:
         ds = dataset(3000, 3033, 256, 200)
         backbone, nf, norm, size = create_backbone("resnet50", "none")
-        sp = prepare_splits(ds, DataConfig(val_fraction=0.1), "none", 0, cpu)
+        sp, _ = prepare_splits(ds, DataConfig(val_fraction=0.1), "none", 0, cpu)
         if mode == "cub2010-frozen":
-            extract(backbone, sp.train.x[:64 * steps], norm, size, 0.875, cpu, False, 64, quiet=True, compile=True)
+            extract(backbone, sp.train.x[:64 * steps], Preprocess.from_normalizer(norm, sp.train.x.shape[-1], size, 0.875), cpu, False, 64, quiet=True, compile=True)
             feats = torch.randn(len(ds.x_train) + len(ds.x_test), nf)     # what the cache then holds
             head = TransferNet(backbone, nf, 200, [400]).head
             fit(Trainer(head, TrainConfig(optimizer="adam", batch_size=32, epochs=1), cpu, 0),
                 Batches(feats[:2700], ds.y_train[:2700]), Batches(feats[2700:3000], ds.y_train[2700:]))
         else:
             cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=32, epochs=1)
-            tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, cpu, 0, norm,
+            tr = Trainer(TransferNet(backbone, nf, 200, [400]), cfg, cpu, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0),
                          Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size), image_size=size,
                          eval_crop=0.875)
             tr.train_epoch(Batches(sp.train.x[:32 * steps], sp.train.y[:32 * steps]))

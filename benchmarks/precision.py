@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))   # efficientnet_lite.py
 
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.data.augment import Augmenter
 from cnnlab.config import AugmentConfig, TrainConfig
 from cnnlab.runtime.device import cpu_has_fast_bf16, cpu_name, use_bf16
@@ -39,12 +40,12 @@ def rates(name: str, dev: torch.device, batch: int, rounds: int) -> dict:
     y = torch.randint(0, 10, (batch,), device=dev)
     model = TransferNet(feat, nf, 10, [400])
     trainers = {p: Trainer(model, TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=batch, precision=p),
-                           dev, 0, norm, Augmenter(AugmentConfig(hflip=True), size)) for p in ("fp32", "bf16")}
+                           dev, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0), Augmenter(AugmentConfig(hflip=True), size)) for p in ("fp32", "bf16")}
     best = {(p, k): 0.0 for p in ("fp32", "bf16") for k in ("extract", "train")}
     for r in range(rounds + 1):                  # round 0 warms up both (oneDNN primitive creation)
         for p in ("fp32", "bf16"):
             sync(); t0 = time.perf_counter()
-            extract(feat, x, norm, size, 1.0, dev, p == "bf16", batch, quiet=True)
+            extract(feat, x, Preprocess.from_normalizer(norm, x.shape[-1], size, 1.0), dev, p == "bf16", batch, quiet=True)
             sync(); fwd = batch / (time.perf_counter() - t0)
             sync(); t0 = time.perf_counter()
             trainers[p].train_epoch(Batches(x, y))

@@ -20,9 +20,9 @@ import torch
 
 from common import keras_available, run_keras
 
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.runtime import allocator
 from cnnlab.data.augment import Augmenter
-from cnnlab.data.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, TrainConfig
 from cnnlab.runtime.device import use_bf16
 from cnnlab.training.engine import Batches, Trainer
@@ -50,22 +50,22 @@ def main() -> None:
 
     def extraction(compile: bool) -> float:
         sync(); t0 = time.perf_counter()
-        extract(backbone, x, norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=compile)
+        extract(backbone, x, Preprocess.from_normalizer(norm, x.shape[-1], size, 0.875), dev, bf16, a.batch, quiet=True, compile=compile)
         sync(); return n / (time.perf_counter() - t0)
 
-    extract(backbone, x[:a.batch], norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=False)  # warm-up
+    extract(backbone, x[:a.batch], Preprocess.from_normalizer(norm, x.shape[-1], size, 0.875), dev, bf16, a.batch, quiet=True, compile=False)  # warm-up
     eager = extraction(False)
     compiled = should_compile(backbone, 5994, size, dev, bf16)        # what a CUB-200-2011 split gets
     compile_s = 0.0
     if compiled:
         t0 = time.perf_counter()
-        extract(backbone, x[:a.batch], norm, size, 0.875, dev, bf16, a.batch, quiet=True, compile=True)
+        extract(backbone, x[:a.batch], Preprocess.from_normalizer(norm, x.shape[-1], size, 0.875), dev, bf16, a.batch, quiet=True, compile=True)
         compile_s = time.perf_counter() - t0
     fwd = extraction(True) if compiled else eager
 
     model = TransferNet(backbone, nf, 200, [400])
     cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=a.batch, precision=a.precision)
-    tr = Trainer(model, cfg, dev, 0, norm, Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
+    tr = Trainer(model, cfg, dev, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0), Augmenter(AugmentConfig(random_resized_crop=True, hflip=True), size))
     tr.train_epoch(Batches(x[:a.batch], y[:a.batch]))                                        # warm-up
     sync(); t0 = time.perf_counter()
     tr.train_epoch(Batches(x, y))

@@ -74,7 +74,7 @@ def training(folder: Path, steps: int, budget_mb: int) -> dict:
     from cnnlab.data.stream import Streamed, mb, place, rows_of
     from cnnlab.training.engine import Trainer
     from cnnlab.models import create_model
-    from cnnlab.data.preprocess import Normalizer
+    from cnnlab.data.preprocess import Normalizer, Preprocess
     import dataclasses
     cfg = load_config(config_file("best"))
     data = dataclasses.replace(cfg.data, source="imagefolder", data_dir=str(folder), classes=0)
@@ -94,7 +94,7 @@ def training(folder: Path, steps: int, budget_mb: int) -> dict:
 
     def trainer() -> Trainer:
         torch.manual_seed(0)
-        return Trainer(create_model(cfg.model.name, 10, **cfg.model.args), train_cfg, dev, 0, norm,
+        return Trainer(create_model(cfg.model.name, 10, **cfg.model.args), train_cfg, dev, 0, Preprocess.from_normalizer(norm, 0, 0, 1.0),
                        Augmenter(cfg.augment, 32))
 
     warm = rows_of(ds.x_train, file, tr[:3 * bs])

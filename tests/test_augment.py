@@ -10,7 +10,7 @@ from cnnlab.data.augment import Augmenter, cutout, hflip, random_crop, resize, t
 from cnnlab.data.preprocess import Normalizer
 from cnnlab.config import AugmentConfig, DataConfig
 from cnnlab.data import Dataset, split_train_val
-from cnnlab.experiments.run import prepare_splits
+from cnnlab.experiments.prepare import prepare_splits
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -252,22 +252,22 @@ def test_featurewise_normalizer_is_fitted_on_the_train_split_only(val_split):
     x[tr[::2], 2] = 10                      # some variation inside the train split
     x_test = torch.full((30, 3, 4, 4), 255, dtype=torch.uint8)
     ds = Dataset(x, y, x_test, torch.arange(30) % 5, [str(i) for i in range(5)], "t")
-    splits = prepare_splits(ds, DataConfig(val_fraction=0.2, val_split=val_split), "featurewise", 7,
-                            torch.device("cpu"))
+    splits, pre = prepare_splits(ds, DataConfig(val_fraction=0.2, val_split=val_split), "featurewise", 7,
+                                 torch.device("cpu"))
     assert len(splits.train) == 80 and len(splits.val) == 20
     assert (splits.val.x == 250).all()      # the split we marked is the one held out
     train_x = x[tr].numpy().astype(np.float64) / 255
-    assert np.allclose(splits.normalizer.mean.numpy(), train_x.mean(axis=(0, 2, 3)), atol=1e-6)
-    assert np.allclose(splits.normalizer.std.numpy(), train_x.std(axis=(0, 2, 3)), atol=1e-6)
-    assert splits.normalizer.mean[0].item() == pytest.approx(40 / 255, abs=1e-6)
+    assert np.allclose(np.array(pre.mean), train_x.mean(axis=(0, 2, 3)), atol=1e-6)
+    assert np.allclose(np.array(pre.std), train_x.std(axis=(0, 2, 3)), atol=1e-6)
+    assert pre.mean[0] == pytest.approx(40 / 255, abs=1e-6)
     # not fitted on everything
     all_x = torch.cat([x, x_test]).numpy().astype(np.float64) / 255
-    assert abs(splits.normalizer.mean[0].item() - all_x[:, 0].mean()) > 0.1
+    assert abs(pre.mean[0] - all_x[:, 0].mean()) > 0.1
 
 
 def test_no_normalization_keeps_plain_scaling():
     ds = Dataset(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.arange(10) % 2,
                  torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4) % 2, ["a", "b"])
-    splits = prepare_splits(ds, DataConfig(val_fraction=0.2), "none", 0, torch.device("cpu"))
-    assert splits.normalizer.mean is None and splits.normalizer.std is None
+    splits, pre = prepare_splits(ds, DataConfig(val_fraction=0.2), "none", 0, torch.device("cpu"))
+    assert pre.mean is None and pre.std is None
     assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 4

@@ -8,7 +8,7 @@ from torch import nn
 
 from cnnlab.transfer import features
 from cnnlab.transfer.features import extract, flops_per_image, should_compile
-from cnnlab.data.preprocess import Normalizer
+from cnnlab.data.preprocess import Preprocess
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def images(n: int = 10) -> torch.Tensor:
 
 def run(backbone: nn.Module, x: torch.Tensor, compile: bool, mirror: bool = False) -> torch.Tensor:
     # batch 4 over 10 images: two full batches through the compiled graph, a short last one eagerly
-    return extract(backbone, x, Normalizer(), 16, 1.0, CPU, False, batch_size=4, quiet=True, mirror=mirror,
+    return extract(backbone, x, Preprocess(16, 16), CPU, False, batch_size=4, quiet=True, mirror=mirror,
                    compile=compile)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.runtime import threads
+
 STAT = """cpu  1000 50 200 9000 10 5 5 40 0 0
 cpu0 600 0 100 4500 5 5 5 20 0 0
 cpu1 400 50 100 4500 5 0 0 20 0 0

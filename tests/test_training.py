@@ -14,6 +14,7 @@ from torch import nn
 
 from cnnlab.training.callbacks import Callback, EarlyStopping, ModelCheckpoint, Monitor, make_monitor
 from cnnlab.config import CheckpointConfig, EarlyStoppingConfig, TrainConfig, from_dict
+from cnnlab.models.parts import BackboneModel
 from cnnlab.training.engine import lr_factor, make_optimizer, param_groups
 from cnnlab.experiments.run import run_experiment
 from cnnlab.records.runs import RunFolder, RunRecorder
@@ -69,7 +70,7 @@ def test_decay_norm_and_bias_switch_decays_everything():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-class _Transfer(nn.Module):
+class _Transfer(BackboneModel):          # says it is a backbone with a head (cnnlab.models.parts)
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -309,11 +310,12 @@ def test_a_split_that_leaves_classes_without_training_images_warns_and_marks_the
     from cnnlab.data import load_dataset
     ds = load_dataset(cfg.data)
     order = torch.argsort(ds.y_train, stable=True)           # make the records class-sorted
-    import cnnlab.experiments.run as experiment
+    from cnnlab.data import Dataset
+    from cnnlab.experiments.plan import DataCache
 
-    class SortedCache(experiment.DataCache):
+    class SortedCache(DataCache):
         def get(self, data_cfg, quiet):
-            return experiment.Dataset(ds.x_train[order], ds.y_train[order], ds.x_test, ds.y_test, ds.classes, ds.name)
+            return Dataset(ds.x_train[order], ds.y_train[order], ds.x_test, ds.y_test, ds.classes, ds.name)
 
     out = run_experiment(cfg, tmp_path / "runs", progress="line", data_cache=SortedCache())
     said = capsys.readouterr().out
@@ -334,12 +336,13 @@ def test_training_and_evaluation_views_have_the_networks_input_size():
     """Images stored larger than the network input (CUB: 256 for 224): every augmentation feeds input_size."""
     from cnnlab.data.augment import Augmenter
     from cnnlab.config import AugmentConfig
+    from cnnlab.data.preprocess import Preprocess
     from cnnlab.training.engine import Trainer
     x = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)
     for aug in (AugmentConfig(), AugmentConfig(zoom=0.2, hflip=True), AugmentConfig(crop_padding=4),
                 AugmentConfig(random_resized_crop=True, hflip=True)):
         tr = Trainer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 40 * 40, 2)), TrainConfig(precision="fp32"), torch.device("cpu"),
-                     0, augmenter=Augmenter(aug, 40), image_size=40, eval_crop=0.875)
+                     0, Preprocess(48, 40, eval_crop=0.875), augmenter=Augmenter(aug, 40))
         assert tr._prepare(x, train=True).shape[-2:] == (40, 40), aug
         assert tr._prepare(x, train=False).shape[-2:] == (40, 40), aug
 
@@ -419,16 +422,31 @@ def test_random_resized_crop_with_zoom_or_padding_is_refused():
 
 def test_evaluation_batch_counts_32px_images_and_shrinks_for_larger_inputs():
     """eval_batch_size = 500 suits CIFAR; at 224 it would hold 500 images' activations (9 GB for ResNet50)."""
+    from cnnlab.data.preprocess import Preprocess
+    from cnnlab.models import forward
     from cnnlab.training.engine import Batches, Trainer
-    cfg = TrainConfig(batch_size=32, eval_batch_size=500)
+    cfg = TrainConfig(batch_size=32, eval_batch_size=500, precision="fp32")
     tr = Trainer(nn.Linear(4, 2), cfg, torch.device("cpu"), 0)
-    imgs = lambda side: Batches(torch.zeros(2, 3, side, side, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))  # noqa: E731
-    assert tr.eval_batch(imgs(32)) == 500
-    assert tr.eval_batch(imgs(64)) == 125
-    assert tr.eval_batch(imgs(224)) == 32                 # never below the training batch
-    assert tr.eval_batch(Batches(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))) == 500   # features
-    tr.image_size = 224                                   # stored 32 px, network input 224: the input counts
-    assert tr.eval_batch(imgs(32)) == 32
+    scoring = tr.scoring
+    assert scoring.batch_size(32) == 500
+    assert scoring.batch_size(64) == 125
+    assert scoring.batch_size(224) == 32                  # never below the training batch
+    assert scoring.batch_size(0) == 500                   # features
+    # what forward.logits batches by: the network's input side (stored 32 px, network input 224: 224 counts)
+    sizes = []
+    net = lambda x: (sizes.append(len(x)), torch.zeros(len(x), 2))[1]   # noqa: E731
+    imgs = Batches(torch.zeros(100, 3, 32, 32, dtype=torch.uint8), torch.zeros(100, dtype=torch.long))
+    forward.logits(_Calls(net), Preprocess(32, 224), imgs, scoring, torch.device("cpu"))
+    assert sizes == [32, 32, 32, 4]
+
+
+class _Calls(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
 
 
 @pytest.mark.parametrize("exclude_1d", [True, False])

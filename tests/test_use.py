@@ -55,7 +55,7 @@ def test_every_model_kind_rebuilds_from_its_run_folder(tmp_path, kind):
     if kind == "frozen":
         assert (run / "checkpoints" / "backbone.pt").is_file()
     # The rebuilt model scores the test split exactly as the run did (frozen runs: backbone + head on images).
-    model, preprocess, classes, _ = load_model(run)
+    model, preprocess, classes, _ = load_model(run, trust_code=kind == "custom")   # module:function: code
     with torch.no_grad():
         pred = model(preprocess(ds.x_test)).argmax(1)
     acc = (pred == ds.y_test).float().mean().item()
@@ -242,8 +242,8 @@ def test_test_shift_larger_than_the_images_and_on_frozen_backbones_is_refused(tm
         from_dict({"name": "f", **KINDS["frozen"], "augment": {"test_shift": 1}})
     small = {**SYN, "image_size": 8}
     with pytest.raises(cnnlab.errors.ConfigError, match="test_shift = 8 is not smaller than the 8px"):
-        run_experiment(from_dict({"name": "s", "data": small, "model": {"name": "basenet"}, "train": TRAIN,
-                                  "augment": {"test_shift": 8}}), tmp_path / "runs", progress="none")
+        run_experiment(from_dict({"name": "s", "data": small, "model": {"name": "resnet9s", "args": {"width": 4}},
+                                  "train": TRAIN, "augment": {"test_shift": 8}}), tmp_path / "runs", progress="none")
 
 
 def test_airnet_stem_is_whitened_from_the_training_split_and_stays_frozen(tmp_path):
@@ -266,7 +266,7 @@ def test_layers_set_from_data_see_images_spread_over_the_whole_split():
     from torch import nn
     from cnnlab.data.stream import Batches
     from cnnlab.experiments.run import init_layers_from_data
-    from cnnlab.data.preprocess import Normalizer
+    from cnnlab.data.preprocess import Preprocess
     seen = []
 
     class Probe(nn.Module):
@@ -275,7 +275,7 @@ def test_layers_set_from_data_see_images_spread_over_the_whole_split():
 
     model = nn.Sequential(nn.Conv2d(3, 3, 1), Probe())
     x = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous()
-    init_layers_from_data(model, Batches(x, torch.zeros(12, dtype=torch.long)), Normalizer(), n=4)
+    init_layers_from_data(model, Batches(x, torch.zeros(12, dtype=torch.long)), Preprocess(0, 0), n=4)
     assert (seen[0][:, 0, 0, 0] * 255).round().tolist() == [0, 3, 6, 9]
-    init_layers_from_data(nn.Sequential(nn.Conv2d(3, 3, 1)), Batches(x, torch.zeros(12, dtype=torch.long)), Normalizer())
+    init_layers_from_data(nn.Sequential(nn.Conv2d(3, 3, 1)), Batches(x, torch.zeros(12, dtype=torch.long)), Preprocess(0, 0))
     assert len(seen) == 1                                       # a model without such layers: nothing read

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logger", action="append", choices=["tensorboard", "mlflow"], default=[],
                    help="also log to TensorBoard or MLflow (repeatable; optional extras)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: one line per epoch (for logs)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="shortcut for --set train.deterministic=true: one fixed CPU thread count instead of "
+                        "following the machine's load, and torch's deterministic algorithms (slower under load)")
 
 
 def _overrides(a: argparse.Namespace) -> list:
@@ -45,7 +48,15 @@ def _overrides(a: argparse.Namespace) -> list:
         out.append(("seeds", a.seeds))
     if a.logger:
         out.append(("tracking.loggers", list(dict.fromkeys(a.logger))))
+    if a.deterministic:
+        out.append(("train.deterministic", True))
     return out
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="rebuild a run folder whose model is package.module:function: imports and runs that code, "
+                        "so only for folders from someone you trust (README: Sharing a run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one experiment from a config file or packaged config name")
     p.add_argument("config", nargs="?", help="a TOML file, or a packaged config such as 'best' or 'practice/01_sgd20'")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last checkpoint")
+    _trust_flag(p)
     _common(p)
 
     p = sub.add_parser("rerun", help="run again exactly what a run folder records (its resolved config)")
     p.add_argument("run_dir")
+    _trust_flag(p)
     _common(p)
 
     p = sub.add_parser("suite", help="run a suite of configs (e.g. 'practice') and write its report")
@@ -83,21 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the data sets")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--device", default="auto")
+    _trust_flag(p)
 
     p = sub.add_parser("predict", help="classify image files or folders with a trained run")
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="also write the predictions to FILE.csv or FILE.json")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images decoded and scored at a time (default: the run's "
+                                                  "evaluation batch)")
     p.add_argument("--weights", default="auto", choices=["auto", "best", "last"])
     p.add_argument("--device", default="auto")
+    _trust_flag(p)
 
     p = sub.add_parser("export", help="export a trained run to ONNX or TorchScript (uint8 RGB in, probabilities out)")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", help="output file (default: RUN/export/model.onnx or model.pt)")
     p.add_argument("--weights", default="auto", choices=["auto", "best", "last"])
+    _trust_flag(p)
 
     sub.add_parser("models", help="list the registered models with their parameter counts")
     sub.add_parser("configs", help="list packaged configs, suites and data presets")
@@ -105,29 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path, a) -> Config:
-    from cnnlab.config import load_config, read_toml
-    from cnnlab.configs import data_preset
-    preset = None
-    if a.data:
-        pp = data_preset(a.data)
-        preset = (read_toml(pp), str(pp))
-    return load_config(path, _overrides(a), preset)
+    from cnnlab.config import load_config, read_data_preset
+    return load_config(path, _overrides(a), read_data_preset(a.data))
 
 
 def _execute(cfg, a, source: str, resume=None) -> int:
-    import dataclasses
-
-    from cnnlab.experiments.run import run_experiment
-    results = []
-    for s in range(1 if resume else cfg.seeds):
-        out = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + s), a.runs_dir, source=source,
-                             progress="line" if a.quiet else "bar", argv=a.command, resume=resume)
-        results.append(out.results)
-    if len(results) > 1 and out.path is not None:
-        from cnnlab.records.report import mean_std
-        print(f"== {cfg.name} over {len(results)} seeds: test accuracy "
-              f"{mean_std([r.test_accuracy for r in results if r.ok])}")
-    return 0 if all(r.ok for r in results) else 1
+    progress = "line" if a.quiet else "bar"
+    if resume:
+        from cnnlab.experiments.run import run_experiment
+        outcomes = [run_experiment(cfg, a.runs_dir, source=source, progress=progress, argv=a.command, resume=resume)]
+    else:
+        from cnnlab.experiments.seeds import run_seeds
+        outcomes = run_seeds(cfg, a.runs_dir, source=source, progress=progress, argv=a.command)
+    return 0 if all(o.results.ok for o in outcomes) else 1
 
 
 def cmd_run(a) -> int:
@@ -158,13 +165,22 @@ def cmd_resume(a) -> int:
     if a.overrides or a.data:
         raise CnnlabError("--resume continues the run as recorded; --set/--data cannot change it (use cnnlab rerun)")
     cfg = _load(run.path / "config.toml", a)
+    _check_trusted(cfg, a, run.path)
     print(f"resuming {run.path} from its last checkpoint")
     return _execute(cfg, a, str(run.path / "config.toml"), resume=run)
 
 
 def cmd_rerun(a) -> int:
     run = _run_folder(a.run_dir)
-    return _execute(_load(run.path / "config.toml", a), a, str(run.path / "config.toml"))
+    cfg = _load(run.path / "config.toml", a)
+    _check_trusted(cfg, a, run.path)
+    return _execute(cfg, a, str(run.path / "config.toml"))
+
+
+def _check_trusted(cfg: Config, a, run_dir: Path) -> None:
+    """A run folder's `package.module:function` model runs only with --trust-code (cnnlab.models.trust)."""
+    from cnnlab.models.trust import check_trusted
+    check_trusted(cfg.model, a.trust_code, str(run_dir / "config.toml"))
 
 
 def cmd_suite(a) -> int:
@@ -188,8 +204,9 @@ def cmd_report(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from cnnlab.api import evaluate_runs, load
-    models = [load(_run_folder(d).path, a.weights, a.device) for d in a.run_dir]
+    from cnnlab.api import load
+    from cnnlab.inference.evaluate import evaluate_runs
+    models = [load(_run_folder(d).path, a.weights, a.device, trust_code=a.trust_code) for d in a.run_dir]
     ev, folder, own = evaluate_runs(models, a.data, a.data_dir, a.split, quiet=False)
     if len(models) > 1:
         for m, acc in zip(models, own):
@@ -211,9 +228,9 @@ def cmd_predict(a) -> int:
     from cnnlab.inference.predict import check_predictions_path, format_table, predict_files, write_predictions
     if a.out:
         check_predictions_path(Path(a.out))
-    if a.topk < 1 or a.batch_size < 1:
+    if a.topk < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise CnnlabError("--topk and --batch-size must be >= 1")
-    model = load(_run_folder(a.run_dir).path, a.weights, a.device)
+    model = load(_run_folder(a.run_dir).path, a.weights, a.device, trust_code=a.trust_code)
     rows, failures = predict_files(model._predictor, a.paths, a.topk, a.batch_size)
     if rows:
         print(format_table(rows, min(a.topk, len(model.classes))))
@@ -226,8 +243,8 @@ def cmd_predict(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from cnnlab.api import export_run
-    path, diff = export_run(_run_folder(a.run_dir).path, a.format, a.out, a.weights)
+    from cnnlab.inference.export import export_run
+    path, diff = export_run(_run_folder(a.run_dir).path, a.format, a.out, a.weights, trust_code=a.trust_code)
     print(f"exported {path} (+ labels.json); max |difference| of probabilities vs PyTorch on real inputs: {diff:.2e}")
     from cnnlab.inference.export import check_tolerance
     check_tolerance(diff)

@@ -33,6 +33,22 @@ def _check(cond: bool, where: str, key: str, msg: str) -> None:
         raise ConfigError(f"{where}: '{key}' {msg}")
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder name inside the runs folder (run and suite folders are named after it),
+    or None. Names come from config files that users send each other: '../x' or '/tmp/x' would write elsewhere."""
+    if not isinstance(name, str) or not name:
+        return "must not be empty"
+    if "/" in name or "\\" in name:
+        return "must be one folder name, without / or \\"
+    if name.startswith("."):
+        return "must not start with a dot ('..' leaves the runs folder, '.x' hides the run)"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "must not hold control characters (tab, newline, ...)"
+    if len(name.encode()) > 200:
+        return "must be at most 200 bytes long (the run folder adds a time stamp)"
+    return None
+
+
 @dataclass
 class DataConfig:
     source: str = "cifar100"          # cifar100 | cifar10 | imagefolder | synthetic | cub200-2010 | cub200-2011
@@ -105,7 +121,7 @@ class TrainConfig:
     eval_batch_size: int = 500        # for 32x32 inputs; larger inputs: proportionally fewer (>= batch_size)
     label_smoothing: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"   # onecycle: linear up (warmup), linear down
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0        # not shorter than the run (a shortened recipe): half the run, with a note
     # auto: a backbone's own mean/std, none for cnnlab's models | none: x/255 only | featurewise: per-channel
     # mean/std of the training split | backbone: the backbone's own mean/std
     normalize: Literal["auto", "none", "featurewise", "backbone"] = "auto"
@@ -117,11 +133,31 @@ class TrainConfig:
     freeze_bn_stats: bool = False     # fine-tuning: the backbone's BatchNorm layers keep their pretrained statistics
     probe_epochs: int = 0             # fine-tuning: first train the head on cached frozen features (linear probe, at most this many epochs)
     checkpoint_every: int = 1         # epochs between 'last' checkpoints
+    # CPU threads: 0 = the cores other processes leave free, followed during the run (cnnlab.runtime.threads);
+    # N = N threads for the whole run
+    threads: int = 0
+    # the same numbers at any load: one fixed thread count (threads, else the process's own) and torch's
+    # deterministic algorithms (`--deterministic`; on GPU see the README's Reproducibility)
+    deterministic: bool = False
 
     @property
     def effective_lr(self) -> float:
         """lr, or the optimizer's Keras default when omitted."""
         return self.lr if self.lr is not None else default_lr(self.optimizer)
+
+    @property
+    def effective_warmup_epochs(self) -> float:
+        """warmup_epochs, or half the run when the run is not longer than the warmup (a recipe shortened with
+        --set train.epochs=N): the warmup still leads into the schedule. notes() says so."""
+        return self.warmup_epochs if self.warmup_epochs < self.epochs else self.epochs / 2
+
+    def notes(self) -> list[str]:
+        """One line for each value the run uses instead of the one given (printed at its start, kept in
+        results.json warnings)."""
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            return [f"[train] warmup_epochs = {self.warmup_epochs:g} is not shorter than the run (epochs = "
+                    f"{self.epochs}): warming up over half of it ({self.effective_warmup_epochs:g} epochs) instead"]
+        return []
 
     def check(self, w: str) -> None:
         _check(self.lr is None or self.lr > 0, w, "lr", f"must be > 0 (omit it for the optimizer's Keras default); got {self.lr}")
@@ -132,14 +168,16 @@ class TrainConfig:
         _check(self.weight_decay >= 0, w, "weight_decay", "must be >= 0")
         _check(self.eps > 0, w, "eps", "must be > 0")
         _check(0.0 <= self.label_smoothing < 1.0, w, "label_smoothing", "must be in [0, 1)")
-        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, w, "warmup_epochs", "must be in [0, epochs)")
+        _check(self.warmup_epochs >= 0, w, "warmup_epochs", f"must be >= 0; got {self.warmup_epochs}")
         _check(0 <= self.head_epochs <= self.epochs, w, "head_epochs",
-               f"must be in [0, epochs] (epochs = {self.epochs} counts the head-only epochs too)")
+               f"must be in [0, epochs] (epochs = {self.epochs} counts the head-only epochs too); got "
+               f"{self.head_epochs}: lower it, e.g. --set train.head_epochs={self.epochs // 2}")
         _check(self.backbone_lr_mult >= 0, w, "backbone_lr_mult", "must be >= 0")
         _check(self.probe_epochs >= 0, w, "probe_epochs", "must be >= 0 (0: no linear probe)")
         _check(not (self.probe_epochs and self.freeze_backbone), w, "probe_epochs",
                "is for fine-tuning; with freeze_backbone = true the run itself trains the head on the frozen features")
         _check(self.checkpoint_every >= 1, w, "checkpoint_every", "must be >= 1")
+        _check(self.threads >= 0, w, "threads", f"must be >= 0 (0 = follow the machine's load); got {self.threads}")
 
 
 @dataclass
@@ -264,8 +302,14 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def notes(self) -> list[str]:
+        """One line for each value a run of this config uses instead of the one given (TrainConfig.notes)."""
+        return self.train.notes()
+
     def check(self, where: str) -> None:
         """Each table's own checks, then the rules that span tables."""
+        problem = name_problem(self.name)
+        _check(problem is None, where, "name", f"{problem}; got {self.name!r} (e.g. name = \"resnet-cub\")")
         _check(self.seed >= 0, where, "seed", "must be >= 0")
         _check(self.seeds >= 1, where, "seeds", "must be >= 1")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), where, "device",
@@ -409,6 +453,16 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def read_data_preset(name_or_path: str | None) -> tuple[dict, str] | None:
+    """A data preset (`--data cifar10s`, or a TOML file whose [data] keys win): (its tables, where it came from);
+    None when none is given. The one reader, for the CLI, suites, `cnnlab evaluate` and the Python API."""
+    if not name_or_path:
+        return None
+    from cnnlab.configs import data_preset
+    path = data_preset(name_or_path)
+    return read_toml(path), str(path)
 
 
 def read_with_base(path: str | Path, _seen: tuple = ()) -> dict:

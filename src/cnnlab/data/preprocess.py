@@ -7,7 +7,12 @@ user's own code, feeds new images exactly as the network saw its test images:
      centre-cropped to image_size x image_size (what the data source did when it decoded the data set);
   2. x / 255, then (x - mean) / (std + 1e-6) per channel when mean/std are set (featurewise statistics
      of the training split, or the backbone's own ImageNet-style constants);
-  3. when image_size != input_size: the central `eval_crop` of the image, resized to input_size.
+  3. when image_size != input_size: the central `eval_crop` of the image, resized to input_size;
+  4. channels-last memory layout (unless the run turned [train] channels_last off).
+
+This is the one definition: the training loop's evaluation, feature extraction, `cnnlab evaluate`, predict,
+`cnnlab.load(...)`, and export all call `Preprocess.__call__` (training adds its augmentation between steps 2
+and 3), and batch with `eval_batch_size`. Same images in, same numbers out, whichever door they came through.
 """
 from __future__ import annotations
 
@@ -44,16 +49,20 @@ class Normalizer:
         return cls(mean.float(), std.float())
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.float().div_(255.0)
-        if self.mean is not None:
-            mean = self.mean.to(x.device).view(1, -1, 1, 1)
-            std = self.std.to(x.device).view(1, -1, 1, 1)
-            x = (x - mean) / (std + 1e-6)
-        return x
+        return normalize(x_uint8, self.mean, self.std)
 
     def state_dict(self) -> dict:
         return {"mean": None if self.mean is None else self.mean.tolist(),
                 "std": None if self.std is None else self.std.tolist()}
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """x/255, then (x - mean) / (std + 1e-6) per channel: the arithmetic, in one place (the exported model's
+    first layer calls it too, with mean/std as buffers inside the file)."""
+    x = x_uint8.float().div_(255.0)
+    if mean is not None:
+        x = (x - mean.to(x.device).view(1, -1, 1, 1)) / (std.to(x.device).view(1, -1, 1, 1) + 1e-6)
+    return x
 
 
 def center_crop(x: torch.Tensor, fraction: float, out: int) -> torch.Tensor:
@@ -65,6 +74,23 @@ def center_crop(x: torch.Tensor, fraction: float, out: int) -> torch.Tensor:
     if c != out:
         x = F.interpolate(x, size=(out, out), mode="bilinear", antialias=True, align_corners=False)
     return x
+
+
+def layout(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """Step 4: the memory layout the network runs in (channels-last: oneDNN's and cuDNN's fast convolutions)."""
+    if x.ndim != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def eval_batch_size(eval_batch: int, train_batch: int, side: int) -> int:
+    """Images per evaluation batch: [train] eval_batch_size counts 32x32 images, larger inputs get proportionally
+    fewer, never fewer than the training batch (side 0: features, counted as they are). Evaluation memory is
+    activations x batch: ResNet50 at 224 with 500 images a batch peaked at 9 GB (benchmarks/memory.py), with 32
+    at the training batch's level. One rule for every path, so that every path groups images the same way."""
+    if side:
+        eval_batch = max(min(eval_batch, train_batch), eval_batch * 32 * 32 // (side * side))
+    return max(1, eval_batch)
 
 
 @dataclass
@@ -84,12 +110,20 @@ class Preprocess:
     def normalizer(self) -> Normalizer:
         return Normalizer(self.mean, self.std)
 
-    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, image_size, image_size) -> float network input (N, 3, input_size, input_size)."""
-        x = self.normalizer()(x_uint8)
-        if x.shape[-1] != self.input_size:
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Steps 1-2: uint8 -> float, x/255 and the recorded mean/std."""
+        return self.normalizer()(x_uint8)
+
+    def to_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """Step 3: the central eval_crop resized to input_size, when the stored images are another size
+        (input_size 0: as they are)."""
+        if self.input_size and x.shape[-1] != self.input_size:
             x = center_crop(x, self.eval_crop, self.input_size)
         return x
+
+    def __call__(self, x_uint8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+        """uint8 (N, 3, image_size, image_size) -> float network input (N, 3, input_size, input_size)."""
+        return layout(self.to_input_size(self.normalize(x_uint8)), channels_last)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,9 +15,9 @@ two-thread row. Each row's result is what it would be alone, up to float summati
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import os
 import shutil
 import time
 import traceback
@@ -25,10 +25,12 @@ from pathlib import Path
 
 from cnnlab.runtime import distributed
 from cnnlab.runtime.threads import cpu_capacity
-from cnnlab.config import Config, load_config, read_toml
-from cnnlab.configs import data_preset, suite_files
+from cnnlab.config import Config, load_config, read_data_preset, read_toml
+from cnnlab.configs import suite_files
 from cnnlab.errors import CnnlabError, DataMissing, RunInterrupted
-from cnnlab.experiments.run import DataCache, run_experiment
+from cnnlab.experiments.plan import DataCache
+from cnnlab.experiments.run import run_experiment
+from cnnlab.experiments.seeds import seed_configs
 from cnnlab.records.report import write_report
 from cnnlab.records.runs import Results, RunFolder, RunRecorder
 from cnnlab.records.io import read_json, write_json
@@ -39,10 +41,7 @@ SUITE_FILE = "_suite.toml"      # optional, in a suite folder: [[compare]] a = "
 def load_rows(name: str, overrides: list, data: str | None, only: list[str] | None) -> tuple[list, list[dict]]:
     """[(config file, Config)] in run order, every row validated before any runs; and the comparisons."""
     files = suite_files(name)
-    preset = None
-    if data:
-        p = data_preset(data)
-        preset = (read_toml(p), str(p))
+    preset = read_data_preset(data)
     rows = [(f, load_config(f, overrides, preset)) for f in files]
     names = [c.name for _, c in rows]
     if len(set(names)) != len(names):
@@ -87,7 +86,9 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None
     cache = DataCache()
     check_data(rows, cache, name)
     if not resume:
-        folder = RunFolder.create(runs_dir, Path(name).name).path if main else None
+        # The suite's own folder name ('configs/..' names the folder above): RunFolder.create refuses a name
+        # that is not one folder name, so nothing is written outside runs_dir.
+        folder = RunFolder.create(runs_dir, Path(os.path.abspath(name)).name).path if main else None
         folder = distributed.broadcast_object(folder)
         if main:
             write_json(folder / "suite.json", {"suite": name, "overrides": [list(o) if isinstance(o, tuple) else o
@@ -97,8 +98,7 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None
     t0 = time.perf_counter()
     work = []                          # (config of one seed, its file, its row folder), in report order
     for i, (f, cfg) in enumerate(rows, 1):
-        for s in range(seeds):
-            cfg_s = dataclasses.replace(cfg, seed=cfg.seed + s)
+        for cfg_s in seed_configs(cfg, seeds):
             work.append((cfg_s, f, folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))))
     try:
         if jobs > 1:

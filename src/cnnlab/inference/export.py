@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.data.preprocess import Preprocess
+from cnnlab.data.preprocess import Preprocess, normalize
 from cnnlab.records.io import write_json
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -71,8 +71,8 @@ class ExportMismatch(CnnlabError):
 class InferenceModule(nn.Module):
     """A trained model with its input scaling: uint8 RGB (N, 3, S, S) -> softmax probabilities (N, K).
 
-    Computes exactly what `Preprocess` does when the input is already input_size (x/255, then
-    (x - mean) / (std + 1e-6) when the run has mean/std), followed by the model and a softmax.
+    Computes exactly what `Preprocess` does when the input is already input_size (its `normalize`: x/255,
+    then (x - mean) / (std + 1e-6) when the run has mean/std), followed by the model and a softmax.
     mean/std are buffers so they travel inside the exported file."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess):
@@ -86,10 +86,7 @@ class InferenceModule(nn.Module):
                              if has_norm else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0
-        if self.mean is not None:
-            x = (x - self.mean) / (self.std + 1e-6)
-        return torch.softmax(self.model(x), dim=1)
+        return torch.softmax(self.model(normalize(images, self.mean, self.std)), dim=1)
 
 
 def check_tolerance(diff: float, tolerance: float = EXPORT_TOLERANCE) -> None:
@@ -315,3 +312,25 @@ def _first_line(e: Exception) -> str:
     """A one-line reason for an error message: exception type and the first line of its text."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, weights: str = "auto",
+               n_check: int = 16, trust_code: bool = False) -> tuple[Path, float]:
+    """Export a run's model (uint8 RGB in at its input size, probabilities out; labels.json beside it),
+    checked against PyTorch on real test images of the run's data. Returns (file, max |difference|).
+    trust_code: as for load_model (a `package.module:function` model runs code the folder names)."""
+    from cnnlab.data import load_dataset
+    from cnnlab.data.preprocess import center_crop
+    from cnnlab.inference.model import load_model
+    run = load_model(run_dir, weights, "cpu", trust_code)
+    pre = run.preprocess
+    try:
+        ds = load_dataset(run.config.data, quiet=True)
+    except CnnlabError as e:
+        raise CnnlabError(f"export {run_dir}: the check needs real images of the run's data ({e})") from None
+    x = ds.x_test[:n_check]
+    if x.shape[-1] != pre.input_size:       # the exported file takes images already at the network's size
+        x = center_crop(x.float(), pre.eval_crop, pre.input_size).round().clamp(0, 255).to(torch.uint8)
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    out = Path(out) if out else Path(run_dir) / "export" / f"model{suffix}"
+    return export_model(run.model, pre, run.classes, fmt, out, x)

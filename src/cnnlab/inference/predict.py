@@ -6,7 +6,8 @@ Every input, whatever its kind, goes through the same two steps as the data set 
      shorter side resized to `Preprocess.image_size`, centre crop -> uint8 (3, S, S). File paths are
      decoded with `load_image`, the very function that built the data set; arrays and tensors are turned
      into PIL images first, so no second copy of the resize logic exists to drift out of step;
-  2. `Preprocess.__call__` (x/255, mean/std, eval crop) -> model -> softmax, in batches, eval mode, no grad.
+  2. the one evaluation path (models/forward.py: the run's `Preprocess`, batching rule, layout and precision)
+     -> model -> softmax, eval mode, no grad: a prediction's logits are those `cnnlab evaluate` computes.
 
 Accepted inputs (one, or a list mixing any of them):
   - a file path (str or Path);
@@ -38,6 +39,9 @@ from torch import nn
 from cnnlab.data.images import IMAGE_EXTS, load_image, pil_to_array
 from cnnlab.errors import CnnlabError, DataError
 from cnnlab.data.preprocess import Preprocess
+from cnnlab.data.stream import Batches
+from cnnlab.models import forward
+from cnnlab.models.forward import Scoring
 from cnnlab.records.io import atomic_write
 
 PREDICTION_FORMATS = (".csv", ".json")
@@ -49,7 +53,11 @@ class Predictor:
     """A trained model with its recorded preprocessing and class names, ready to label new images."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, classes: list[str],
-                 device: torch.device | str = "cpu", batch_size: int = 64):
+                 device: torch.device | str = "cpu", batch_size: int | None = None, scoring: Scoring | None = None):
+        self.scoring = scoring or Scoring()          # how images are batched and run (the run's, from its folder)
+        # images decoded and run at a time: by default the run's evaluation batch, so that a prediction groups
+        # images as the run's own scoring did (a batch's size can change the last bits of a CPU convolution)
+        batch_size = self.scoring.batch_size(preprocess.input_size) if batch_size is None else batch_size
         if batch_size < 1:
             raise CnnlabError(f"prediction batch size must be at least 1, got {batch_size}")
         if not classes:
@@ -76,16 +84,12 @@ class Predictor:
         if not arrays:
             return torch.empty(0, len(self.classes))
         x = torch.from_numpy(np.stack(arrays)).to(self.device)
-        with torch.no_grad():
-            x = self.preprocess(x)
-            p = next(self.model.parameters(), None)
-            if p is not None and p.is_floating_point():
-                x = x.to(p.dtype)
-            logits = self.model(x)
-            if logits.ndim != 2 or logits.shape[1] != len(self.classes):
-                raise CnnlabError(f"the model gives outputs of shape {tuple(logits.shape)} but there are "
-                                  f"{len(self.classes)} class names; pass the class list the model was trained on")
-            return torch.softmax(logits.float(), dim=1).cpu()
+        logits = forward.logits(self.model, self.preprocess, Batches(x, torch.zeros(len(x), dtype=torch.long)),
+                                self.scoring, self.device)
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise CnnlabError(f"the model gives outputs of shape {tuple(logits.shape)} but there are "
+                              f"{len(self.classes)} class names; pass the class list the model was trained on")
+        return torch.softmax(logits, dim=1).cpu()
 
     def top(self, probs: torch.Tensor, topk: int) -> list[list[tuple[str, float]]]:
         """Rows of probabilities -> [(label, prob), ...] best first, topk clipped to the number of classes."""
@@ -231,13 +235,14 @@ def _decode_file(path: Path, size: int) -> np.ndarray | str:
 
 
 def predict_files(predictor: Predictor, paths: list[str | Path], topk: int = 5,
-                  batch_size: int = 64) -> tuple[list[dict], list[tuple[Path, str]]]:
+                  batch_size: int | None = None) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Predict every image file in `paths` (folders expanded with `find_images`).
 
     Returns (rows, failures): rows {"path": Path, "top": [(label, prob), ...]} for the images read, in
     input order; failures (path, reason) for missing, unreadable or non-image files. Files are decoded
     batch_size at a time (threads: Pillow releases the GIL while decoding), so memory stays bounded
     however many files there are, and one bad file never stops the others."""
+    batch_size = predictor.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise CnnlabError(f"batch size must be at least 1, got {batch_size}")
     _check_topk(topk, len(predictor.classes))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.preprocess import Normalizer
+from cnnlab.models.parts import BackboneModel
 from cnnlab.config import ModelConfig
 from cnnlab.errors import CnnlabError, ConfigError
 
@@ -37,7 +38,7 @@ class PreprocessingWarning(UserWarning):
     """A backbone whose input mean/std cnnlab had to guess (see _override_normalizer)."""
 
 
-class TransferNet(nn.Module):
+class TransferNet(BackboneModel):
     """backbone (images -> pooled features) followed by a dense head (features -> logits).
 
     flip_average: the features are the mean of the image's and its mirror's (a flip-invariant model; frozen
@@ -59,9 +60,6 @@ class TransferNet(nn.Module):
         # Both views in one backbone call: one pass of its layers (and one row each in `summary`).
         f = self.backbone(torch.cat([x, x.flip(-1)])).flatten(1)
         return self.head(mean_of_views(list(f.chunk(2))))
-
-    def set_backbone_trainable(self, trainable: bool) -> None:
-        self.backbone.requires_grad_(trainable)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -219,13 +217,21 @@ def _torchvision_backbone(name: str, weights: str) -> tuple[nn.Module, Normalize
 
 
 def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, Normalizer | None, int]:
-    """Your function's module; its normalizer is None when it declares no mean/std (the caller decides)."""
-    mod_name, _, fn_name = spec.partition(":")
+    """Your function's module; its normalizer is None when it declares no mean/std (the caller decides).
+    Imports and calls whatever `spec` names: a config from a run folder goes through models.trust first."""
+    from cnnlab.models.trust import parse_entry
+    mod_name, fn_name = parse_entry(spec)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"[model] name = {spec!r}: cannot import {fn_name} from {mod_name} ({e})") from None
-    model = fn(**args)
+    try:
+        model = fn(**args)
+    except CnnlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is one line naming it, not a traceback
+        raise ConfigError(f"[model] name = {spec!r}: {fn_name}({_call_args(args)}) raised "
+                          f"{type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"[model] name = {spec!r}: {fn_name}() returned {type(model).__name__}, not an nn.Module")
     if weights not in ("", "none"):
@@ -234,6 +240,14 @@ def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, No
         except RuntimeError as e:
             raise CnnlabError(f"[model] weights = {weights!r} does not fit {spec}: {str(e).splitlines()[0][:300]}") from None
     return (model, *_declared_preprocessing(model, spec))
+
+
+def _call_args(args: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())[:200]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
 
 
 def _declared_preprocessing(model: nn.Module, spec: str) -> tuple[Normalizer | None, int]:
@@ -292,7 +306,11 @@ def create_backbone(name: str, weights: str = "", args: dict | None = None, mean
     with torch.no_grad():
         was = model.training
         model.eval()
-        num_features = model(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
+        try:
+            num_features = model(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
+        except Exception as e:  # noqa: BLE001 - a custom module's forward is the user's code
+            raise ConfigError(f"[model] name = {name!r}: its forward on a (1, 3, {size}, {size}) batch raised "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
         model.train(was)
     return model, num_features, norm, size
 

@@ -77,7 +77,8 @@ def evaluate_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str], n
     bad = ((y < 0) | (y >= k)).sum()
     y = y.clamp(0, k - 1)
 
-    loss = F.cross_entropy(logits, y, reduction="mean")
+    # summed, then divided in float64: the arithmetic of the run's own test loss (Trainer.score), to the last digit
+    loss = F.cross_entropy(logits, y, reduction="sum").double() / n
     pred = logits.argmax(dim=1)
     cm = torch.bincount(y * k + pred, minlength=k * k)
     top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum() if k > 5 else torch.zeros((), device=y.device)

@@ -11,6 +11,7 @@ runs/<name>-<YYYYmmdd-HHMMSS>[-N]/
   checkpoints/backbone.pt  frozen-feature runs: the frozen backbone (the checkpoints hold the head)
   classes.json         class names in label order
   preprocess.json      how images become network inputs (cnnlab.data.preprocess.Preprocess)
+  skipped_images.txt   only when [data] skip_corrupt left images out: path and reason of each
   accuracy.png, loss.png
   per_class.csv, confusion.png, confused_pairs.csv, errors.png   the test-split evaluation
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import tomli_w
 
+from cnnlab.errors import ConfigError
 from cnnlab.records.io import atomic_write, save_checkpoint, write_json, read_json
 
 HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
@@ -38,7 +40,13 @@ class RunFolder:
 
     @classmethod
     def create(cls, runs_dir: str | Path, name: str) -> "RunFolder":
-        """A new, unique folder: mkdir without exist_ok, so two runs started together never share one."""
+        """A new, unique folder: mkdir without exist_ok, so two runs started together never share one.
+        `name` must be one folder name (Config.check says so first; this guard holds for every caller)."""
+        from cnnlab.config import name_problem
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"name {name!r} {problem}: a run or suite folder is one folder inside --runs-dir "
+                              f"({runs_dir})")
         runs_dir = Path(runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -55,8 +63,10 @@ class RunFolder:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def write_config(self, cfg_dict: dict) -> None:
+    def write_config(self, cfg_dict: dict, comment: str = "") -> None:
+        """config.toml; `comment`: lines written above the tables, as TOML comments."""
         with atomic_write(self.path / "config.toml", "wb") as f:
+            f.write("".join(f"# {line}\n" for line in comment.splitlines()).encode())
             tomli_w.dump(cfg_dict, f)
 
     def write_history(self, history: list[dict]) -> None:
@@ -154,9 +164,15 @@ class RunRecorder:
         if self.folder:
             self.folder.write_text(name, text)
 
-    def write_config(self, cfg_dict: dict) -> None:
+    def write_config(self, cfg_dict: dict, comment: str = "") -> None:
         if self.folder:
-            self.folder.write_config(cfg_dict)
+            self.folder.write_config(cfg_dict, comment)
+
+    def write_skipped(self, skipped: list) -> None:
+        """skipped_images.txt: one `path<TAB>reason` line per image [data] skip_corrupt left out (none: no file)."""
+        if self.folder and skipped:
+            lines = (f"{p}\t{' '.join(str(why).split())}\n" for p, why in skipped)     # a reason on one line
+            self.folder.write_text("skipped_images.txt", "".join(lines))
 
     def write_history(self, history: list[dict]) -> None:
         if self.folder:

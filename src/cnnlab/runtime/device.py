@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from cnnlab.runtime import distributed
+
+
 def resolve_device(name: str) -> torch.device:
     name = distributed.device_for(name)
     if name == "auto":

@@ -20,12 +20,19 @@ the other processes' CPU use over the epoch just run (busy time in /proc/stat mi
 CPU time) and sets the count for the next epoch; `on_step()`, called by the training loop after every step
 (a clock read), does the same every CHECK_EVERY_S seconds, so a load that comes or goes in the middle of a
 long epoch is followed within seconds. Only CPU training is touched; `OMP_NUM_THREADS` in the environment pins the
-count (nothing here changes it). On an idle machine nothing changes at all.
+count (nothing here changes it). On an idle machine nothing changes at all. `epoch_threads()` gives the
+counts an epoch ran with, which fit records in each epoch of history.json ("threads": 2, or [2, 1] when the
+count changed during the epoch).
+
+Pinned. `[train] threads = N` sets N threads for the whole run (on any device, OMP_NUM_THREADS or not),
+and `[train] deterministic = true` (`--deterministic`) fixes the count the process starts with (at most the
+CPU capacity) and turns on torch.use_deterministic_algorithms(warn_only=True); either way nothing follows
+the load: a run on a busy machine is slower, and gives the numbers it gives on an idle one.
 
 Numerics. The thread count changes only the order of float summations (oneDNN splits the batch among
 threads in the weight-gradient reductions): a run is bitwise identical to another at the same load,
-and within float rounding of it (accuracy within seed noise) when the load differed. Set
-OMP_NUM_THREADS for bitwise comparisons on a machine whose load varies.
+and within float rounding of it (accuracy within seed noise) when the load differed. Pin the count
+(above, or OMP_NUM_THREADS) for bitwise comparisons on a machine whose load varies.
 """
 from __future__ import annotations
 
@@ -151,6 +158,9 @@ class _State:
     epochs: int = 0                       # on_epoch_end calls since configure
     next_check: float = math.inf          # perf_counter time of on_step's next measurement
     log: list[dict] = field(default_factory=list)   # every decision: {"threads", "foreign", "at"}
+    pinned: int | None = None             # the count a run pinned ([train] threads / deterministic)
+    deterministic: bool = False           # torch's deterministic algorithms turned on here (to turn off)
+    used: list[int] = field(default_factory=list)   # the counts in effect since the epoch began
 
 
 _state = _State()
@@ -160,27 +170,37 @@ def _pinned() -> bool:
     return bool(os.environ.get("OMP_NUM_THREADS", "").strip())
 
 
-def _apply(n: int, foreign: float, at: str) -> int:
+def _apply(n: int, foreign: float | None, at: str) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     _state.applied = n
-    _state.log.append({"threads": n, "foreign": round(foreign, 2), "at": at})
+    if not _state.used or _state.used[-1] != n:
+        _state.used.append(n)
+    _state.log.append({"threads": n, "foreign": None if foreign is None else round(foreign, 2), "at": at})
     del _state.log[1:-MAX_LOG]            # the first decision and the latest ones
     return n
 
 
-def configure(model=None, device=None) -> int:
-    """Call at the start of fit (and of any long CPU loop): sets torch's threads to the free cores.
-    Returns the thread count in effect. (model is not used: the engine's call passes it.)"""
+def configure(model=None, device=None, pin: int = 0, deterministic: bool = False) -> int:
+    """Call at the start of fit (and of any long CPU loop): sets torch's threads to the free cores, or
+    to `pin` ([train] threads) for the whole run; `deterministic`: a fixed count (`pin`, else the process's
+    own, at most the CPU capacity) and torch's deterministic algorithms. Returns the thread count in effect.
+    (model is not used: the engine's call passes it.)"""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     from cnnlab.runtime import distributed
-    if dev.type != "cpu" or _pinned() or distributed.info().enabled:
-        _state.active = False         # GPU: the CPU threads hardly matter; torchrun: the ranks share the cores
-        return torch.get_num_threads()
+    deterministic_algorithms(deterministic)
     cur = torch.get_num_threads()
     if _state.applied is None or cur != _state.applied:
         _state.base = cur             # torch's default or the user's own set_num_threads
-    _state.active, _state.epochs = True, 0
+    _state.used, _state.epochs = [], 0
+    _state.pinned = pin or (max(1, min(_state.base, math.floor(cpu_capacity()))) if deterministic else None)
+    if _state.pinned:
+        _state.active = False         # fixed for the run: the same numbers at any load
+        return _apply(_state.pinned, None, "start, pinned")
+    if dev.type != "cpu" or _pinned() or distributed.info().enabled:
+        _state.active, _state.used = False, [cur]   # GPU: the CPU threads hardly matter; torchrun: the ranks share the cores
+        return cur
+    _state.active = True
     _state.capacity = cpu_capacity()
     try:
         a = snapshot()
@@ -189,18 +209,44 @@ def configure(model=None, device=None) -> int:
         foreign = foreign_cores(a, _state.mark)
         _state.next_check = time.perf_counter() + CHECK_EVERY_S
     except (OSError, ValueError):     # no /proc (not Linux): leave torch's choice alone
-        _state.active = False
+        _state.active, _state.used = False, [cur]
         return cur
     return _apply(choose(_state.base, _state.capacity, foreign), foreign, "start")
 
 
 def on_epoch_end(model=None, seconds: float | None = None) -> int:
-    """Call after each epoch (validation included): re-measures the load over the epoch and sets the
-    thread count for the next one. Returns the thread count in effect."""
+    """Call after each epoch (validation included; after epoch_threads()): re-measures the load over the
+    epoch and sets the thread count for the next one. Returns the thread count in effect."""
+    _state.used = [torch.get_num_threads()]
     if not _state.active:
         return torch.get_num_threads()
     _state.epochs += 1
-    return _decide(f"epoch {_state.epochs}")
+    n = _decide(f"epoch {_state.epochs}")
+    _state.used = [n]                 # the next epoch starts at the count decided now
+    return n
+
+
+def epoch_threads() -> int | list[int]:
+    """The thread count the epoch ran with (since configure or the last on_epoch_end), or the counts in
+    order when it changed during the epoch: what history.json records per epoch."""
+    used = list(_state.used)
+    if not used or used[-1] != torch.get_num_threads():   # changed by someone else
+        used.append(torch.get_num_threads())
+    return used[0] if len(used) == 1 else used
+
+
+def deterministic_algorithms(on: bool) -> None:
+    """torch.use_deterministic_algorithms(True, warn_only=True) for a deterministic run: on CUDA, deterministic
+    cuDNN convolutions and cuBLAS (CUBLAS_WORKSPACE_CONFIG set when unset; it counts only before the first
+    cuBLAS call of the process), and a warning from each op that has no deterministic kernel. Turned off
+    again for a later run that does not ask for it, unless the user had turned it on."""
+    if on and not torch.are_deterministic_algorithms_enabled():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        _state.deterministic = True
+    elif not on and _state.deterministic:
+        torch.use_deterministic_algorithms(False)
+        _state.deterministic = False
 
 
 def on_step() -> int | None:
@@ -230,7 +276,7 @@ def _decide(at: str) -> int:
 
 def summary() -> dict:
     """The decisions of this process so far, for run records: base count, capacity, and each change."""
-    return {"base": _state.base, "capacity": _state.capacity, "active": _state.active,
+    return {"base": _state.base, "capacity": _state.capacity, "active": _state.active, "pinned": _state.pinned,
             "threads": torch.get_num_threads(), "changes": list(_state.log)}
 
 
@@ -239,4 +285,5 @@ def reset() -> None:
     global _state
     if _state.applied is not None and _state.base is not None and torch.get_num_threads() == _state.applied:
         torch.set_num_threads(_state.base)
+    deterministic_algorithms(False)
     _state = _State()

@@ -11,13 +11,17 @@
     on_fit_end(trainer)                   after the last epoch (not after an exception)
     on_exception(trainer, exc)            training raised (Ctrl-C included); the exception propagates
 
-A callback with state to survive a resume returns it from state_dict() (it is saved in last.pt).
+A callback with state to survive a resume returns it from state_dict(): last.pt keeps it under the
+callback's `state_key` (its class name, plus the settings that tell two of a kind apart), never under its
+place in the list, so a resume finds it whatever else the run shows (a progress bar or not, other ranks).
 The decision logic (EarlyStopping.update, Monitor.improved) takes plain metric dicts, so its tests
 script metric sequences without training anything, as Keras's own tests do.
 """
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +44,54 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def state_key(self) -> str:
+        """The name its state is saved under in last.pt (Lightning's Callback.state_key): the class's
+        qualified name. A callback that can appear twice with different settings adds them (_key_with)."""
+        return type(self).__qualname__
+
+    def _key_with(self, **settings) -> str:
+        return f"{type(self).__qualname__}{settings!r}"
+
+
+def stateful(callbacks) -> list[Callback]:
+    """The callbacks with a state to save (those that define state_dict)."""
+    return [c for c in callbacks if type(c).state_dict is not Callback.state_dict]
+
+
+def callback_states(callbacks) -> dict:
+    """What last.pt keeps of the callbacks: each stateful one's state_dict() under its state_key."""
+    return {c.state_key: c.state_dict() for c in stateful(callbacks)}
+
+
+_OLD_KEY = re.compile(r"(\d+):(\w+)")     # "1:EarlyStopping": checkpoints written before state keys
+
+
+def restore_states(callbacks, saved: dict | None) -> None:
+    """At the start of fit: refuses two stateful callbacks with one state_key; after a resume (`saved`: the
+    checkpoint's states) gives each its state. Older checkpoints keyed states by list position: those are
+    matched by class name, in list order, since the position depended on the progress display."""
+    keys = [c.state_key for c in stateful(callbacks)]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"callbacks: more than one saves its state under {', '.join(map(repr, twice))}; a resume "
+                          f"could not tell them apart: pass one, or give them different settings or a state_key")
+    if not saved:
+        return
+    old: dict[str, list[dict]] = {}
+    for k in sorted((k for k in saved if _OLD_KEY.fullmatch(k)), key=lambda k: int(k.split(":")[0])):
+        old.setdefault(k.split(":", 1)[1], []).append(saved[k])
+    missing = []
+    for c in stateful(callbacks):
+        state = saved[c.state_key] if c.state_key in saved else (old.get(type(c).__name__) or [None]).pop(0)
+        if state:
+            c.load_state_dict(state)
+        elif state is None:
+            missing.append(c.state_key)
+    if missing:
+        warnings.warn(f"resume: the checkpoint holds no state for {', '.join(missing)}; "
+                      f"{'it starts' if len(missing) == 1 else 'they start'} afresh", stacklevel=2)
 
 
 # ---------------------------------------------------------------- "best": one definition
@@ -165,6 +217,10 @@ class EarlyStopping(Callback):
             trainer.model.load_state_dict(weights)
             self.restored = True
 
+    @property
+    def state_key(self) -> str:
+        return self._key_with(monitor=self.monitor, mode=self.mode)
+
     def state_dict(self) -> dict:
         return {"wait": self.wait, "stopped_epoch": self.stopped_epoch, "best": float(self.best),
                 "best_epoch": self.best_epoch, "stop_training": self.stop_training,
@@ -201,6 +257,10 @@ class ModelCheckpoint(Callback):
         final = trainer.stop_training or trainer.epoch == trainer.cfg.epochs
         if trainer.epoch % self.every == 0 or final:
             self.recorder.save_checkpoint("last.pt", {**trainer.state_dict(), "identity": self.identity})
+
+    @property
+    def state_key(self) -> str:
+        return self._key_with(monitor=self.rule.name, mode=self.rule.mode)
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}

@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.runtime import distributed, threads
-from cnnlab.data.augment import Augmenter, alternating_flips, resize, train_side
-from cnnlab.training.callbacks import Callback
 from cnnlab.config import TrainConfig
+from cnnlab.data.augment import Augmenter, alternating_flips, resize, train_side
+from cnnlab.data.preprocess import Preprocess, layout
 from cnnlab.data.stream import Batches, Streamed
-from cnnlab.runtime.device import autocast, precision_is_measured, use_bf16
+from cnnlab.models import forward
 from cnnlab.models.build import inference_model
-from cnnlab.data.preprocess import Normalizer, center_crop
+from cnnlab.models.parts import is_backbone_model
+from cnnlab.runtime.device import autocast, precision_is_measured, use_bf16
+from cnnlab.training.callbacks import Callback, callback_states, restore_states
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -37,9 +39,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups: backbone and head (backbone lr = lr * backbone_lr_mult), each split into
     weight-decayed weights and undecayed 1-d parameters (BatchNorm weights and biases, all biases), as
     timm's param_groups_weight_decay does; `decay_norm_and_bias = true` decays everything."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and cfg.backbone_lr_mult != 1.0:
-        parts = [(backbone, cfg.backbone_lr_mult), (model.head, 1.0)]
+    if is_backbone_model(model) and cfg.backbone_lr_mult != 1.0:
+        parts = [(model.backbone, cfg.backbone_lr_mult), (model.head, 1.0)]
     else:
         parts = [(model, 1.0)]
     base_lr = cfg.effective_lr
@@ -67,8 +68,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     lr = groups[-1]["base_lr"]
     # fused: one kernel for the whole update instead of a few per parameter (1.3-1.6x on the small nets).
+    # Except SGD with momentum and a head phase: the backbone's parameters get their first gradient (and
+    # momentum buffer) epochs after the head's, in the same group, and fused SGD cannot step a group where
+    # only some buffers exist (torch._fused_sgd_ fails on the None); the default implementation starts each
+    # buffer at its parameter's first gradient. Adam's per-parameter state is made lazily: fused is safe.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=True)
+        fused = not (cfg.momentum > 0 and cfg.head_epochs > 0 and is_backbone_model(model))
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               fused=fused)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=lr, eps=cfg.eps, fused=True)
 
@@ -76,7 +83,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
     """Multiplier of the base lr at a step (0-based) of `total`: linear warmup over warmup_epochs, then
     constant, cosine to 0, or 'onecycle' (linear down to 0: with the warmup, linear up then linear down)."""
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    warm = int(cfg.effective_warmup_epochs * steps_per_epoch)     # capped in a run shorter than the warmup
     if step < warm:
         return (step + 1) / warm
     if cfg.schedule == "constant":
@@ -115,23 +122,24 @@ class Trainer:
     cfg: TrainConfig
     device: torch.device
     seed: int
-    normalizer: Normalizer = field(default_factory=Normalizer)
+    # uint8 images -> network input, the run's one definition (None: x/255 only); float inputs (cached
+    # features) pass through untouched
+    preprocess: Preprocess | None = None
     augmenter: Augmenter | None = None
-    image_size: int | None = None          # network input size when the stored images are larger
-    eval_crop: float = 1.0
     # Test-time views (the image's mirror, shifted copies) for the finished model's scores (`tta=True`); the
     # per-epoch validation scores the bare network: no extra passes per epoch, curves comparable across settings.
     test_flip: bool = False
     test_shift: int = 0
 
     def __post_init__(self):
+        self.preprocess = self.preprocess or Preprocess(0, 0)       # x/255, images as they are
         self.bf16 = use_bf16(self.cfg.precision, self.device)
         # 'auto' on a bf16-capable CPU is measured per model: settled on the first batch's shape.
         self._precision_pending = precision_is_measured(self.cfg.precision, self.device)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         self.dist = distributed.info()
-        if hasattr(self.model, "set_backbone_trainable"):
+        if is_backbone_model(self.model):
             self.model.set_backbone_trainable(True)     # every parameter gets its optimizer group
             self.model.bn_frozen = self.cfg.freeze_bn_stats
         self.optimizer = make_optimizer(self.model, self.cfg)
@@ -152,7 +160,7 @@ class Trainer:
     # -- phases
     def phase_at(self, epoch: int) -> str:
         """'head' for the first head_epochs of a backbone model (backbone frozen), else 'main'."""
-        return "head" if epoch < self.cfg.head_epochs and hasattr(self.model, "set_backbone_trainable") else "main"
+        return "head" if epoch < self.cfg.head_epochs and is_backbone_model(self.model) else "main"
 
     def enter_phase(self, phase: str) -> None:
         """Freeze or unfreeze the backbone. Its parameters keep their optimizer groups: a frozen
@@ -161,7 +169,7 @@ class Trainer:
         if phase == self.phase:
             return
         self.phase = phase
-        if hasattr(self.model, "set_backbone_trainable"):
+        if is_backbone_model(self.model):
             self.model.set_backbone_trainable(phase != "head")
         self.net = self.model
         if self.dist.enabled:
@@ -184,18 +192,17 @@ class Trainer:
         """uint8 -> network input. `draw`: (global batch size, this rank's part of it): the augmentation
         draws its random numbers for the whole global batch and applies those of the part. `flip`: which
         images of the batch to mirror, when the flips are not drawn (alternate_flip)."""
-        if xb.dtype == torch.uint8:
-            xb = self.normalizer(xb)
-            if train and self.augmenter is not None and self.augmenter.active:
-                xb = self.augmenter(xb, self.aug_gen, draw, flip)
-            if self.image_size and xb.shape[-1] != self.image_size:
-                xb = center_crop(xb, self.eval_crop, self.image_size)
-            if train and self.augmenter is not None:
-                side = train_side(self.augmenter.cfg, self.epoch, xb.shape[-1])
-                xb = resize(xb, side) if side < xb.shape[-1] else xb
-        if xb.ndim == 4:
-            xb = xb.contiguous(memory_format=self.memory_format)
-        return xb
+        if not train or xb.dtype != torch.uint8:
+            return forward.network_input(self.preprocess, xb, self.cfg.channels_last)
+        # Training: the augmentation goes between normalizing and sizing (the evaluation path's steps 2 and 3)
+        xb = self.preprocess.normalize(xb)
+        if self.augmenter is not None and self.augmenter.active:
+            xb = self.augmenter(xb, self.aug_gen, draw, flip)
+        xb = self.preprocess.to_input_size(xb)
+        if self.augmenter is not None:
+            side = train_side(self.augmenter.cfg, self.epoch, xb.shape[-1])
+            xb = resize(xb, side) if side < xb.shape[-1] else xb
+        return layout(xb, self.cfg.channels_last)
 
     def epoch_flips(self, n: int, perm: torch.Tensor) -> torch.Tensor | None:
         """alternate_flip: whether each image of this epoch's order `perm` is mirrored, on the device. The
@@ -250,30 +257,18 @@ class Trainer:
         distributed.all_reduce_sum(loss_sum, correct)
         return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "lr": opt.param_groups[-1]["lr"]}
 
-    def eval_batch(self, data: Split) -> int:
-        """[train] eval_batch_size counts 32x32 images: larger inputs get proportionally fewer a batch, never
-        fewer than the training batch. Evaluation memory is activations x batch: ResNet50 at 224 with 500
-        images a batch peaked at 9 GB (benchmarks/memory.py), with 32 at the training batch's level."""
-        bs = self.cfg.eval_batch_size
-        if getattr(data.x, "ndim", 0) == 4:
-            side = self.image_size or data.x.shape[-1]
-            bs = max(min(bs, self.cfg.batch_size), bs * 32 * 32 // (side * side))
-        return max(1, bs)
+    @property
+    def scoring(self) -> forward.Scoring:
+        """How this run's network is scored (batching, layout, precision): recorded for every later command."""
+        return forward.Scoring(self.cfg.eval_batch_size, self.cfg.batch_size, self.cfg.channels_last, self.bf16)
 
-    @torch.no_grad()
     def predict_logits(self, data: Split, part: slice | None = None, tta: bool = False) -> torch.Tensor:
         """float32 logits (N, K) of a whole split (or of positions `part` of it), on the device, in eval
-        mode, batched; `tta`: averaged over the run's test-time views."""
+        mode, batched (models.forward: the one evaluation path); `tta`: averaged over the test-time views."""
         self._settle_precision(data)
-        scorer = self.scorer if tta else self.model
-        scorer.eval()                          # the model too (the wrapper's mode decides the views)
-        bs = self.eval_batch(data)
-        start, stop = (0, len(data)) if part is None else (part.start, part.stop)
-        out = []
-        for xb, _ in data.batches(None, [slice(i, min(i + bs, stop)) for i in range(start, stop, bs)]):
-            with autocast(self.device, self.bf16):
-                out.append(scorer(self._prepare(xb, train=False)).float())
-        return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
+        self.model.eval()                      # the model too (the wrapper's mode decides the views)
+        return forward.logits(self.scorer if tta else self.model, self.preprocess, data, self.scoring,
+                              self.device, part)
 
     def evaluate(self, data: Split, tta: bool = False) -> tuple[float, float]:
         """Mean cross-entropy (no label smoothing, as Keras reports it) and accuracy; sharded under DDP."""
@@ -304,20 +299,19 @@ class Trainer:
                 "step": self.step, "epoch": self.epoch, "history": self.history,
                 "shuffle_gen": self.shuffle_gen.get_state(), "aug_gen": self.aug_gen.get_state().cpu(),
                 "torch_rng": torch.get_rng_state(),
-                "callbacks": {_key(i, c): c.state_dict() for i, c in enumerate(self.callbacks)}}
+                "callbacks": callback_states(self.callbacks)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for g, kw in zip(self.optimizer.param_groups, impl):   # how to step is this code's choice, not saved state
+            g.update(kw)
         self.step, self.epoch, self.history = state["step"], state["epoch"], list(state["history"])
         self.shuffle_gen.set_state(state["shuffle_gen"])
         self.aug_gen.set_state(state["aug_gen"].to(self.aug_gen.get_state().device))
         torch.set_rng_state(state["torch_rng"])
         self._callback_states = state.get("callbacks", {})
-
-
-def _key(i: int, c: Callback) -> str:
-    return f"{i}:{type(c).__name__}"
 
 
 # ---------------------------------------------------------------- fit
@@ -336,13 +330,10 @@ def fit(trainer: Trainer, train: Split, val: Split, callbacks: list[Callback] = 
     infinite (trainer.diverged; the run is then reported as diverged).
     """
     trainer.callbacks = list(callbacks)
-    for i, c in enumerate(trainer.callbacks):     # after a resume: each callback's saved state
-        saved = getattr(trainer, "_callback_states", {}).get(_key(i, c))
-        if saved:
-            c.load_state_dict(saved)
+    restore_states(trainer.callbacks, getattr(trainer, "_callback_states", None))   # by state_key, after a resume
     trainer.train_size, trainer.steps_per_epoch = len(train), math.ceil(len(train) / trainer.cfg.batch_size)
     trainer.stop_training = trainer.diverged = False
-    threads.configure(trainer.model, trainer.device)
+    threads.configure(trainer.model, trainer.device, trainer.cfg.threads, trainer.cfg.deterministic)
     try:
         for c in trainer.callbacks:
             c.on_fit_start(trainer)
@@ -354,7 +345,8 @@ def fit(trainer: Trainer, train: Split, val: Split, callbacks: list[Callback] = 
             logs = trainer.train_epoch(train)
             if len(val):
                 logs["val_loss"], logs["val_accuracy"] = trainer.evaluate(val)
-            logs = {"epoch": trainer.epoch + 1, **logs, "seconds": time.perf_counter() - t0}
+            logs = {"epoch": trainer.epoch + 1, **logs, "seconds": time.perf_counter() - t0,
+                    "threads": threads.epoch_threads()}          # what the run folder records of them
             trainer.history.append(logs)
             trainer.epoch += 1
             threads.on_epoch_end(trainer.model, logs["seconds"])

@@ -42,7 +42,7 @@ from cnnlab.runtime.cache import cache_dir
 from cnnlab.data.stream import Rows, RowFile, Streamed, rows_of
 from cnnlab.runtime.device import autocast
 from cnnlab.models.backbones import mean_of_views
-from cnnlab.data.preprocess import Normalizer, center_crop
+from cnnlab.data.preprocess import Preprocess, layout
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor, file: RowFile | None = None) -> str:
@@ -157,34 +157,32 @@ def _quiet_logger(name: str):
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, x: torch.Tensor, norm: Normalizer, size: int, crop: float, device: torch.device,
+def extract(backbone: nn.Module, x: torch.Tensor, preprocess: Preprocess, device: torch.device,
             bf16: bool, batch_size: int = 64, desc: str = "features", quiet: bool = False,
             mirror: bool = False, file: RowFile | None = None, out: Path | None = None,
             compile: bool | None = None) -> torch.Tensor:
-    """Pooled features of uint8 images: normalize, center view at `size` (mirrored: flipped left-right after
-    the crop, as TransferNet flips its input), forward; float32 (N, D) on CPU. The images are read from
-    `file` when given (streamed); with `out` the features go into that .npy file as they come, and the
-    result is the file memory-mapped. `compile`: run the backbone compiled (None: should_compile decides)."""
+    """Pooled features of uint8 images through the run's Preprocess (its centre view at the input size;
+    mirrored: flipped left-right after it, as TransferNet flips its input), forward; float32 (N, D) on CPU.
+    The images are read from `file` when given (streamed); with `out` the features go into that .npy file as
+    they come, and the result is the file memory-mapped. `compile`: run the backbone compiled (None:
+    should_compile decides)."""
     backbone.eval().to(device, memory_format=torch.channels_last)
     if compile is None:
-        compile = should_compile(backbone, len(x), size, device, bf16)
+        compile = should_compile(backbone, len(x), preprocess.input_size, device, bf16)
     fn = compiled_backbone(backbone, device) if compile else None
     images = Streamed(rows_of(x, file), torch.zeros(len(x), dtype=torch.long, device=device), device)
     slices = [slice(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
     parts, writer = [], None
     with tqdm(total=len(x), unit="img", desc=desc, disable=quiet, dynamic_ncols=True) as bar:
         for xb, _ in images.batches(None, slices):
-            xb = norm(xb)
-            if xb.shape[-1] != size:
-                xb = center_crop(xb, crop, size)
-            if mirror:
-                xb = xb.flip(-1)
+            xb = preprocess(xb, channels_last=False)
+            xb = layout(xb.flip(-1) if mirror else xb)
             with autocast(device, bf16):
                 f = None
                 if fn is not None and len(xb) == batch_size:     # a short last batch runs eagerly
                     f, fn = _forward_compiled(fn, xb, desc, bar)
                 if f is None:
-                    f = backbone(xb.contiguous(memory_format=torch.channels_last))
+                    f = backbone(xb)
                 f = f.flatten(1).float().cpu()
             if out is None:
                 parts.append(f)
@@ -218,24 +216,22 @@ class NpyWriter:
         os.replace(self.tmp, self.path)
 
 
-def cached_features(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-                    size: int, crop: float, device: torch.device, bf16: bool, split: str,
-                    quiet: bool = False, flip_average: bool = False,
+def cached_features(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, preprocess: Preprocess,
+                    device: torch.device, bf16: bool, split: str, quiet: bool = False, flip_average: bool = False,
                     file: RowFile | None = None) -> tuple[torch.Tensor, bool]:
     """Features of one split, from the cache when present (a memory-mapped tensor); with flip_average the
     mean of the image's and its mirror's (what TransferNet(flip_average=True) computes), cached as well.
     `file`: the images' file, when they are memory-mapped. Returns (features, all loaded from cache)."""
-    feats, hit = feature_array(backbone, identity, x, y, norm, size, crop, device, bf16, split, quiet,
-                               flip_average, file)
+    feats, hit = feature_array(backbone, identity, x, y, preprocess, device, bf16, split, quiet, flip_average, file)
     return torch.from_numpy(feats), hit
 
 
-def feature_array(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-                  size: int, crop: float, device: torch.device, bf16: bool, split: str, quiet: bool = False,
+def feature_array(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch.Tensor, preprocess: Preprocess,
+                  device: torch.device, bf16: bool, split: str, quiet: bool = False,
                   flip_average: bool = False, file: RowFile | None = None) -> tuple[np.memmap, bool]:
     """cached_features as the memory-mapped array itself (RowFile.of(it) streams it)."""
-    ident = {**identity, "split": split, "data": data_fingerprint(x, y, file), "size": size, "crop": crop,
-             "norm": norm.state_dict(), "bf16": bf16}
+    ident = {**identity, "split": split, "data": data_fingerprint(x, y, file), "size": preprocess.input_size,
+             "crop": preprocess.eval_crop, "norm": preprocess.normalizer().state_dict(), "bf16": bf16}
     views = []
     for mirror in ((False, True) if flip_average else (False,)):
         # the image's own key has no "view": caches made before views existed stay valid
@@ -243,7 +239,7 @@ def feature_array(backbone: nn.Module, identity: dict, x: torch.Tensor, y: torch
         feats = load_cached(view, len(x))
         views.append((feats, feats is not None))
         if feats is None:
-            extract(backbone, x, norm, size, crop, device, bf16, desc=f"features {split}{' mirrored' * mirror}",
+            extract(backbone, x, preprocess, device, bf16, desc=f"features {split}{' mirrored' * mirror}",
                     quiet=quiet, mirror=mirror, file=file, out=feature_path(view))
             write_identity(view)
             views[-1] = (load_cached(view, len(x)), False)

@@ -1,14 +1,12 @@
-"""The frozen-feature recipe's steps between the cached features and the head's training.
+"""[search]: the head's hyper-parameters chosen on the validation split, on cached frozen features.
 
-1. [model] standardize_features: the head's Standardize layer gets the training split's feature mean/std
-   (the training split only: validation and test images must not shape the model).
-2. [search]: every combination of the listed values trains the head on the cached features, each from the
-   same initial weights with the run's own seed, epochs and early stopping, and is scored on the validation
-   split by the run's monitor. The run then trains with the best combination (from those same initial
-   weights, so it retraces that trial: bitwise at the same CPU thread count, see threads.py) and records
-   every trial in results.json (extra "search", "chosen", "search_seconds").
+Every combination of the listed values trains the head on the cached features, each from the same initial
+weights with the run's own seed, epochs and early stopping, and is scored on the validation split by the run's
+monitor. The run then trains with the best combination (from those same initial weights, so it retraces that
+trial: bitwise at the same CPU thread count, see runtime/threads.py) and records every trial in results.json
+(extra "search", "chosen", "search_seconds").
 
-Config.check allows both only with [train] freeze_backbone: a trial then costs seconds, not a training run.
+Config.check allows it only with [train] freeze_backbone: a trial then costs seconds, not a training run.
 """
 from __future__ import annotations
 
@@ -19,20 +17,16 @@ import time
 import torch
 from torch import nn
 
-from cnnlab.training.callbacks import EarlyStopping, Monitor, make_monitor, snapshot
 from cnnlab.config import Config
+from cnnlab.training.callbacks import EarlyStopping, Monitor, make_monitor, snapshot
 from cnnlab.training.engine import Batches, Trainer, fit
 
 
-def prepare_frozen_head(cfg: Config, head: nn.Module, train: Batches, val: Batches, device: torch.device,
-                        quiet: bool, extra: dict) -> tuple[Config, dict]:
-    """Standardization statistics, then the [search] grid. Returns the config to train with (the chosen values
-    in [train]) and `extra` (results.json's) with the search added. The head ends with its initial weights."""
-    if hasattr(head, "standardize"):
-        head.standardize.fit(train.x)
+def search_head(cfg: Config, head: nn.Module, train: Batches, val: Batches, device: torch.device,
+                quiet: bool) -> tuple[dict, dict]:
+    """The [search] grid. Returns (the chosen [train] values, what results.json records of the search). The
+    head ends with its initial weights."""
     grid = cfg.search.grid()
-    if not grid:
-        return cfg, extra
     monitor = search_monitor(cfg)
     initial = snapshot(head)
     trials, t0 = [], time.perf_counter()
@@ -46,8 +40,7 @@ def prepare_frozen_head(cfg: Config, head: nn.Module, train: Batches, val: Batch
     chosen = {k: best[k] for k in grid[0]}
     if not quiet:
         print(f"search: chose {chosen} by {monitor.name} ({len(trials)} trials, {time.perf_counter() - t0:.1f}s)")
-    return with_train(cfg, chosen), {**extra, "search": trials, "chosen": chosen,
-                                     "search_seconds": round(time.perf_counter() - t0, 3)}
+    return chosen, {"search": trials, "chosen": chosen, "search_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def search_monitor(cfg: Config) -> Monitor:
