@@ -199,7 +199,7 @@ def test_a_shortened_packaged_recipe_caps_its_warmup_with_a_note():
     cfg = load_config(config_file("best"), ["train.epochs=2"])
     assert cfg.train.warmup_epochs == 3 and cfg.train.effective_warmup_epochs == 1.0
     (note,) = cfg.notes()
-    assert "warmup_epochs = 3" in note and "epochs = 2" in note and "(1 epochs)" in note
+    assert "warmup_epochs = 3" in note and "epochs = 2" in note and "(1 epoch)" in note
     assert to_dict(cfg)["train"]["warmup_epochs"] == 3             # the file's value; a rerun caps it again
     assert load_config(config_file("best"), ["train.epochs=1"]).train.effective_warmup_epochs == 0.5
     assert load_config(config_file("best")).notes() == []          # as packaged: nothing changes

@@ -156,7 +156,8 @@ class TrainConfig:
         results.json warnings)."""
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             return [f"[train] warmup_epochs = {self.warmup_epochs:g} is not shorter than the run (epochs = "
-                    f"{self.epochs}): warming up over half of it ({self.effective_warmup_epochs:g} epochs) instead"]
+                    f"{self.epochs}): warming up over half of it ({self.effective_warmup_epochs:g} "
+                    f"epoch{'' if self.effective_warmup_epochs == 1 else 's'}) instead"]
         return []
 
     def check(self, w: str) -> None:
