@@ -45,23 +45,20 @@ def _read(run_dir: Path, name: str):
     return read_json(p)
 
 
-def reported_weights(run_dir: Path) -> str:
-    """The weights the run's results come from: best when early stopping restored them, else last."""
-    results = read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
-    return results.get("weights", "last")
+def _optional(run_dir: Path, name: str) -> dict:
+    """A run folder's JSON file, or {} where an older or unfinished run has none."""
+    return read_json(run_dir / name) if (run_dir / name).is_file() else {}
 
 
-def scoring_of(run_dir: Path, cfg: Config, device: torch.device) -> Scoring:
-    """How the run scored (results.json), so later scores equal its own; precision only on the same kind of
-    device (bf16 choices are per device). Older runs: the rule from their config, fp32."""
-    results = read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
+def scoring_of(results: dict, meta: dict, cfg: Config, device: torch.device) -> Scoring:
+    """How the run scored (results.json "scoring"), so later scores equal its own; its precision only on the
+    same kind of device (a bf16 choice is per device), else fp32. Older runs: the rule from their config, fp32."""
     recorded = results.get("scoring")
-    meta = read_json(run_dir / "meta.json") if (run_dir / "meta.json").is_file() else {}
-    if recorded:
-        s = Scoring.from_dict(recorded)
-        same_device = torch.device(meta.get("device", "cpu")).type == device.type
-        return s if same_device else dataclasses.replace(s, bf16=device.type == "cuda" and s.bf16)
-    return Scoring(cfg.train.eval_batch_size, cfg.train.batch_size, cfg.train.channels_last, False)
+    if not recorded:
+        return Scoring(cfg.train.eval_batch_size, cfg.train.batch_size, cfg.train.channels_last, False)
+    s = Scoring.from_dict(recorded)
+    same_device = torch.device(meta.get("device", "cpu")).type == device.type
+    return s if same_device else dataclasses.replace(s, bf16=False)
 
 
 def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.device = "cpu",
@@ -79,8 +76,9 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
     from cnnlab.models.trust import check_trusted
     check_trusted(cfg.model, trust_code, str(run_dir / "config.toml"))
     classes, pre = _read(run_dir, "classes.json"), Preprocess.from_dict(_read(run_dir, "preprocess.json"))
-    if weights == "auto":
-        weights = reported_weights(run_dir)
+    results = _optional(run_dir, "results.json")
+    if weights == "auto":        # what the run's results come from: best when early stopping restored it, else last
+        weights = results.get("weights", "last")
     if weights not in ("best", "last"):
         raise CnnlabError(f"--weights {weights!r}: choose best, last or auto")
     from cnnlab.models.backbones import PreprocessingWarning
@@ -105,7 +103,8 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: does not fit model {cfg.model.name!r} ({str(e).splitlines()[0][:200]})") from None
     model = inference_model(model, cfg.augment.test_flip, cfg.augment.test_shift)     # as the run scored
-    return LoadedRun(model.to(device).eval(), pre, list(classes), cfg, weights, scoring_of(run_dir, cfg, device))
+    return LoadedRun(model.to(device).eval(), pre, list(classes), cfg, weights,
+                     scoring_of(results, _optional(run_dir, "meta.json"), cfg, device))
 
 
 class Model:
