@@ -236,9 +236,9 @@ def test_unknown_key_lists_known_keys(tmp_path):
 
 
 def test_wrong_type_message_says_expected_type(tmp_path):
-    with pytest.raises(ConfigError, match=r"'epochs' must be a integer, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"'epochs' must be an integer, got 'ten'"):
         load_config(write(tmp_path, '[train]\nepochs = "ten"\n'))
-    with pytest.raises(ConfigError, match=r"'hflip' must be a true/false, got 1"):
+    with pytest.raises(ConfigError, match=r"'hflip' must be true or false, got 1"):
         load_config(write(tmp_path, "[augment]\nhflip = 1\n"))
 
 

@@ -73,6 +73,11 @@ RECIPE = {"data": DATA,
                              "restore_best_weights": True}}
 
 
+C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+# [search] C: the same features, the linear head solved as a logistic regression with C chosen by 5-fold CV
+LOGISTIC = {"data": DATA, "model": RECIPE["model"], "train": RECIPE["train"], "search": {"C": C_GRID}}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both heads on the same data and seed, without the figures (seconds of matplotlib a run, tested
@@ -83,7 +88,7 @@ def runs(tmp_path_factory):
         mp.setattr("cnnlab.records.evaluation.write_evaluation", lambda *a, **k: None)
         mp.setattr("cnnlab.experiments.run.plot_curves", lambda *a, **k: None)
         return {name: run_experiment(from_dict({"name": name, **raw}), tmp / "runs", progress="none")
-                for name, raw in (("practice", PRACTICE), ("recipe", RECIPE))}
+                for name, raw in (("practice", PRACTICE), ("recipe", RECIPE), ("logistic", LOGISTIC))}
 
 
 def test_recipe_beats_the_dense400_head_where_linear_is_optimal(runs):
@@ -161,3 +166,57 @@ def test_export_keeps_the_mirror_view_and_the_statistics(runs, fmt):
     from cnnlab.api import export_run
     path, diff = export_run(runs["recipe"].path, fmt, trust_code=True)
     assert path.is_file() and diff < 1e-4
+
+
+def _features(out, images: torch.Tensor) -> torch.Tensor:
+    """The rebuilt model's features of `images` as its Linear layer sees them (both views, standardized)."""
+    model, pre, _, _ = load_model(out.path, trust_code=True)
+    linear = model.head[-1]
+    model.head = nn.Sequential(model.head.standardize)
+    with torch.no_grad():
+        return model(pre(images)), linear
+
+
+def test_logistic_head_is_the_cross_validated_logistic_regression_on_every_training_image(runs):
+    """The yardstick of benchmarks/transfer/linear_baseline.py, computed here independently with scikit-learn
+    (GridSearchCV over the same C grid and seeded folds, refitted on all training images): the run's head is
+    that model, so it scores what it scores, and beats the grid recipe trained with Adam on a 20% hold-out."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    out = runs["logistic"]
+    ds = load_dataset(from_dict({"data": DATA}).data)
+    z_train, linear = _features(out, ds.x_train)
+    z_test, _ = _features(out, ds.x_test)
+    search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": C_GRID}, scoring="accuracy",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=0)).fit(z_train.double().numpy(), ds.y_train)
+    found = out.results.extra["logistic"]
+    assert found["C"] == search.best_params_["C"] and found["images"] == len(ds.y_train) == 300
+    assert found["cv_accuracy"] == pytest.approx(search.best_score_, abs=1 / 300)
+    theirs = search.predict(z_test.double().numpy())
+    ours = linear(z_test).argmax(1).numpy()
+    assert (ours == theirs).mean() >= 0.99                         # the same model, up to the solver's tolerance
+    assert out.results.test_accuracy >= (theirs == ds.y_test.numpy()).mean() - 0.005
+    assert out.results.test_accuracy > runs["recipe"].results.test_accuracy       # measured 0.618 vs 0.532
+    assert out.results.test_accuracy > runs["practice"].results.test_accuracy + 0.1
+
+
+def test_a_solved_head_is_a_whole_run_folder(runs):
+    out = runs["logistic"]
+    assert out.results.epochs_run == 0 and out.results.status == "ok" and out.history == []
+    assert out.results.val_accuracy == out.results.extra["logistic"]["cv_accuracy"]   # its validation is the CV
+    assert (out.path / "checkpoints" / "last.pt").is_file()
+    ev, _ = __import__("cnnlab").load(out.path, trust_code=True).evaluate()
+    assert ev.top1 == out.results.test_accuracy
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"search": {"C": [0.1], "weight_decay": [0.1]}}, r"'C' .*cannot be combined"),
+    ({"model": {"head": [400]}, "search": {"C": [0.1]}}, r"\[search\] C fits a linear head"),
+    ({"search": {"C": [0.0]}}, r"'C' values must be > 0"),
+    ({"search": {"C": [1.0], "cv_folds": 1}}, r"'cv_folds' must be at least 2"),
+])
+def test_logistic_head_keys_are_checked(raw, match):
+    base = {"train": {"freeze_backbone": True}, "model": {"name": "resnet18", "head": []}}
+    merged = {k: {**base.get(k, {}), **raw.get(k, {})} for k in set(base) | set(raw)}
+    with pytest.raises(ConfigError, match=match):
+        from_dict(merged)

@@ -187,9 +187,12 @@ def test_images_that_need_no_reduction_decode_exactly_as_before(tmp_path, decode
         assert np.array_equal(x, _old_pil_to_array(im, 32))
 
 
-def test_a_huge_jpeg_among_small_ones_is_refused_from_its_header(tmp_path, decoded_sizes):
+def test_a_huge_jpeg_among_small_ones_is_resized_with_a_note_never_decoded_whole(tmp_path, decoded_sizes):
+    # image_size = 0 keeps images as they are only when they share one size; mixed sizes are resized to
+    # Keras's 256x256 with one line saying so, and the huge file is decoded at reduced size (its header first)
     root = _folder(tmp_path / "imgs", bad=0)
     _photo(root / "train" / "ant" / "9_big.jpg", 2400, 1800)
-    with pytest.raises(DataError, match=r"different sizes.*9_big\.jpg.*2400x1800.*image_size"):
-        load_dataset(DataConfig(source="imagefolder", data_dir=str(root), classes=0), quiet=True)
+    ds = load_dataset(DataConfig(source="imagefolder", data_dir=str(root), classes=0), quiet=True)
+    assert ds.x_train.shape[1:] == (3, 256, 256)
+    assert any("different sizes" in n and "256x256" in n and "image_size" in n for n in ds.notes), ds.notes
     assert (2400, 1800) not in decoded_sizes and (8, 8) in decoded_sizes

@@ -63,11 +63,12 @@ def test_the_same_images_give_the_same_logits_through_every_door(trained, tmp_pa
     from PIL import Image
 
     from cnnlab.inference.predict import predict_files
-    for i in range(8):
-        Image.fromarray(arrays[i]).save(tmp_path / f"{i}.png")
+    n = min(cfg.train.eval_batch_size, len(arrays))   # one evaluation batch, as the loop batched it: a smaller batch may
+    for i in range(n):                   # round differently in the convolution's kernels (1 ulp, not a second path)
+        Image.fromarray(arrays[i]).save(tmp_path / f"{i:03d}.png")
     rows, failures = predict_files(model._predictor, [tmp_path], topk=1)
-    assert not failures
-    best = reference.softmax(1)[:8].max(1)
+    assert not failures and len(rows) == n
+    best = reference.softmax(1)[:n].max(1)
     assert [r["top"][0][1] for r in rows] == best.values.tolist()
     # 5. the exported file (TorchScript): the same numbers up to float rounding of the traced graph
     path, diff = cnnlab.export_run(out.path, "torchscript")

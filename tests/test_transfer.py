@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.config import ModelConfig, TrainConfig, from_dict
+from cnnlab.config import ModelConfig, from_dict
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.experiments.run import run_experiment
 from cnnlab.records.io import read_json
@@ -156,7 +156,7 @@ def test_practice_birds_configs_parse():
     best = rows[3]                       # 01_frozen's task and backbone, cnnlab's frozen-feature recipe
     assert (best.model.name, best.model.weights, best.data.source) == ("resnet50", "tv_in1k", "cub200-2010")
     assert best.model.head == [] and best.model.flip_average and best.model.standardize_features
-    assert best.train.freeze_backbone and best.search.grid() and best.data.val_split == "stratified"
+    assert best.train.freeze_backbone and best.search.C and not best.search.grid() and best.data.val_split == "stratified"
 
 
 def test_frozen_run_via_cli_on_imagefolder(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnlab.config import Config, load_config, read_data_preset
+from cnnlab.errors import ConfigError
 from cnnlab.inference.export import export_run  # noqa: F401  (cnnlab.export_run)
 from cnnlab.inference.model import Model, load_model  # noqa: F401  (cnnlab.load_model)
 from cnnlab.records.io import read_json
@@ -43,6 +44,18 @@ class Run:
         return read_json(p) if p.is_file() else {}
 
     @property
+    def status(self) -> str:
+        """ok, diverged, failed; unfinished (killed, interrupted or still training: `.state` says at which
+        epoch); not started (no epoch finished)."""
+        return self.state.status
+
+    @property
+    def state(self):
+        """Where the run stands (cnnlab.records.runs.RunState): status, epochs done of epochs, checkpoints."""
+        from cnnlab.records.runs import RunFolder, run_state
+        return run_state(RunFolder(self.path))
+
+    @property
     def history(self) -> list[dict]:
         p = self.path / "history.json"
         return read_json(p) if p.is_file() else []
@@ -58,6 +71,9 @@ class Run:
 
     def predict(self, images, topk: int = 5):
         return self.model().predict(images, topk)
+
+    def explain(self, images, layer: str | None = None, topk: int = 3):
+        return self.model().explain(images, layer, topk)
 
     def evaluate(self, data: str | None = None, data_dir: str | None = None, split: str = "test"):
         return self.model().evaluate(data, data_dir, split)
@@ -81,7 +97,7 @@ class Run:
     def __repr__(self) -> str:
         r = self.results
         acc = r.get("test_accuracy")
-        return f"cnnlab.Run({str(self.path)!r}, status={r.get('status')!r}, test_accuracy={acc})"
+        return f"cnnlab.Run({str(self.path)!r}, status={self.state.describe()!r}, test_accuracy={acc})"
 
 
 def _overrides(tables: dict) -> list:
@@ -168,3 +184,38 @@ def suite(name: str, *, data: str | dict | None = None, data_dir: str | None = N
     data, overrides = _data_overrides(data, data_dir, overrides)
     folder, failures = run_suite(name, runs_dir, _overrides(overrides), data, only, progress, seeds=seeds)
     return Suite(folder, failures, trust_code=True)          # the user's own configs
+
+
+def tune(config: str | Path | None = None, *, trials: int | None = None, resume: str | Path | None = None,
+         storage: str | None = None, jobs: int | None = None, metric: str = "val_accuracy", pruner="median",
+         data: str | dict | None = None, data_dir: str | None = None, runs_dir: str | Path = "runs",
+         progress: str = "none", callbacks: list = (), **overrides):
+    """Choose a config's [tune] values on its validation split (`cnnlab tune`): a new study of `trials` trials,
+    or `resume=STUDY_DIR` to continue one. `pruner`: median, hyperband, none, or an Optuna pruner object (this
+    process only). Returns a cnnlab.tuning.tune.TuneResult: .path, .summary (study.json), .best_config."""
+    from cnnlab.configs import config_file
+    from cnnlab.tuning import tune as tuning
+    given = pruner if not isinstance(pruner, str) else None
+    if resume is None:
+        if config is None or trials is None:
+            raise ConfigError("cnnlab.tune: give a config and trials=N, or resume=STUDY_DIR")
+        data, overrides = _data_overrides(data, data_dir, overrides)
+        path = config_file(str(config))
+        cfg = load_config(path, _overrides(overrides), read_data_preset(data))
+        name = pruner if given is None else f"python:{type(given).__name__}"
+        resume = tuning.start(cfg, path, runs_dir, trials=trials, storage=storage, metric=metric, pruner=name)
+    return tuning.tune(Path(resume), trials=trials, storage=storage, jobs=jobs, progress=progress, pruner=given,
+                       callbacks=list(callbacks))
+
+
+def lr_find(config: str | Path, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 200,
+            out: str | Path | None = None, data: str | dict | None = None, data_dir: str | None = None,
+            runs_dir: str | Path = "runs", progress: str = "bar", **overrides):
+    """The learning-rate range test of a config (`cnnlab lr-find`): returns a cnnlab.tuning.lr_find.LRFind
+    (.suggestion by fastai's valley rule, .lrs, .losses, .path with lr_find.png and lr_find.json)."""
+    from cnnlab.configs import config_file
+    from cnnlab.tuning.lr_find import run_lr_find
+    data, overrides = _data_overrides(data, data_dir, overrides)
+    path = config_file(str(config))
+    cfg = load_config(path, _overrides(overrides), read_data_preset(data))
+    return run_lr_find(cfg, out, runs_dir, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress)

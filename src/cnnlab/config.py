@@ -54,11 +54,18 @@ class DataConfig:
     source: str = "cifar100"          # cifar100 | cifar10 | imagefolder | synthetic | cub200-2010 | cub200-2011
     data_dir: str = ""                # "" -> $CNNLAB_DATA or ~/.cache/cnnlab/data
     classes: int | list = 25          # first N classes, or a list of class indices / names; 0 = all
-    max_train_per_class: int = 0      # first N train images of each class, in record order (0 = all)
+    max_train_per_class: int | list[int] = 0   # first N train images of each class, in record order (0 = all);
+                                      # a list: one cap per selected class (a deliberately imbalanced set)
     max_test_per_class: int = 0
     val_fraction: float = 0.1         # held out from train for validation
     val_split: Literal["stratified", "random", "last", "first"] = "stratified"
     image_size: int = 0               # resize (shorter side + center crop) for JPEG sources; 0 = source default
+    # imagefolder: a CSV (.tsv: tab) of path,label[,split] rows, relative to data_dir; paths relative to it
+    labels: str = ""
+    # imagefolder with one folder of class folders, or labels without a split column: the test split's
+    # fraction, stratified and seeded by split_seed (not the run's seed: every seed tests on the same images)
+    test_fraction: float = 0.2
+    split_seed: int = 0
     download: bool = True             # download official archives when missing (needs internet)
     skip_corrupt: bool = False        # skip unreadable images with a warning instead of failing
     # MB the splits may take on the training device (RAM on a CPU); a split beyond it is streamed from its
@@ -66,10 +73,19 @@ class DataConfig:
     memory_budget_mb: int = 0
     synthetic_train: int = 2000       # synthetic source only: images per split
     synthetic_test: int = 500
+    # the order of each training epoch: "shuffle" (a permutation), or "balanced" (every class drawn equally
+    # often, small classes repeated; from the seed and epoch alone, so a resumed run draws the same; data/sampler.py)
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
 
     def check(self, w: str) -> None:
         _check(0.0 <= self.val_fraction < 1.0, w, "val_fraction", f"must be in [0, 1); got {self.val_fraction}")
-        for key in ("max_train_per_class", "max_test_per_class", "image_size", "memory_budget_mb"):
+        _check(0.0 < self.test_fraction < 1.0, w, "test_fraction", f"must be in (0, 1); got {self.test_fraction}")
+        _check(self.split_seed >= 0, w, "split_seed", "must be >= 0")
+        caps = self.max_train_per_class
+        _check(all(c >= 0 for c in (caps if isinstance(caps, list) else [caps])), w, "max_train_per_class",
+               "must be >= 0 (0 = all), or a list of one such cap per selected class")
+        _check(not isinstance(caps, list) or len(caps) > 0, w, "max_train_per_class", "must not be an empty list")
+        for key in ("max_test_per_class", "image_size", "memory_budget_mb"):
             _check(getattr(self, key) >= 0, w, key, "must be >= 0")
         for key in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, key) > 0, w, key, "must be > 0")
@@ -98,8 +114,24 @@ class ModelConfig:
     # frozen backbones: the head first standardizes each feature with the training split's mean/std (kept in
     # the head's checkpoint, so the rebuilt model applies them)
     standardize_features: bool = False
+    # package.module:function: what the function returns. auto: a whole classifier when it takes num_classes
+    # (built and fed as cnnlab's registered nets), else a backbone (pooled features; cnnlab adds the head)
+    kind: Literal["auto", "classifier", "backbone"] = "auto"
+    # a module imported before `name` is looked up, for its @register_model functions (e.g. "mynets")
+    module: str = ""
+    # a network as Keras layer calls, e.g. ["Conv2D(6, 5)", "ReLU()", "MaxPooling2D(2)", "Flatten()"]
+    # (models/layers.py); when given it is the model, and `name` only labels it
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """What results and reports call the model: `name`, or "layers" for a layer list under the default name."""
+        return "layers" if self.layers and self.name == "basenet" else self.name
 
     def check(self, w: str) -> None:
+        if self.layers:        # parsed here: a bad layer fails before any data is read
+            from cnnlab.models.layers import check_model_config
+            check_model_config(self, w)
         _check(self.input_size >= 0, w, "input_size", "must be >= 0")
         _check(all(isinstance(h, int) and h > 0 for h in self.head), w, "head", "must list positive layer sizes, e.g. [400]")
         _check(len(self.mean) in (0, 3), w, "mean", f"must list 3 numbers (R, G, B), or [] for the backbone's own; got {self.mean}")
@@ -139,6 +171,9 @@ class TrainConfig:
     # the same numbers at any load: one fixed thread count (threads, else the process's own) and torch's
     # deterministic algorithms (`--deterministic`; on GPU see the README's Reproducibility)
     deterministic: bool = False
+    # weights of the classes in the training loss: "none", "balanced" (scikit-learn's n / (classes * count),
+    # from the training split), or one weight per class; validation and test losses stay unweighted
+    class_weights: str | list[float] = "none"
 
     @property
     def effective_lr(self) -> float:
@@ -179,6 +214,10 @@ class TrainConfig:
                "is for fine-tuning; with freeze_backbone = true the run itself trains the head on the frozen features")
         _check(self.checkpoint_every >= 1, w, "checkpoint_every", "must be >= 1")
         _check(self.threads >= 0, w, "threads", f"must be >= 0 (0 = follow the machine's load); got {self.threads}")
+        cw = self.class_weights
+        _check(cw in ("none", "balanced") if isinstance(cw, str) else bool(cw) and all(v >= 0 for v in cw)
+               and any(v > 0 for v in cw), w, "class_weights",
+               f"must be \"none\", \"balanced\" or a list of one weight >= 0 per class (not all 0); got {cw!r}")
 
 
 @dataclass
@@ -255,6 +294,11 @@ class SearchConfig:
     weight_decay: list[float] = field(default_factory=list)
     label_smoothing: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    # instead of a grid: the linear head fitted as scikit-learn's LogisticRegression (multinomial, L2, L-BFGS to
+    # convergence) on the whole training split, its inverse penalty C chosen among these by stratified
+    # cv_folds-fold cross-validation, then refitted on every training image (transfer/logistic.py)
+    C: list[float] = field(default_factory=list)
+    cv_folds: int = 5
 
     def grid(self) -> list[dict]:
         """Every combination of the listed values as {key: value}; [] when nothing is listed."""
@@ -266,6 +310,10 @@ class SearchConfig:
         _check(all(v >= 0 for v in self.weight_decay), w, "weight_decay", "values must be >= 0")
         _check(all(0 <= v < 1 for v in self.label_smoothing), w, "label_smoothing", "values must be in [0, 1)")
         _check(all(v > 0 for v in self.lr), w, "lr", "values must be > 0")
+        _check(all(v > 0 for v in self.C), w, "C", "values must be > 0 (the inverse of the L2 penalty)")
+        _check(self.cv_folds >= 2, w, "cv_folds", "must be at least 2")
+        _check(not (self.C and self.grid()), w, "C", "fits the head in closed form: it cannot be combined with a "
+               "weight_decay / label_smoothing / lr grid (the penalty is C; keep one of the two)")
 
 
 @dataclass
@@ -292,6 +340,10 @@ class Config:
     name: str = "experiment"
     seed: int = 0
     seeds: int = 1                    # run with seeds seed, seed+1, ... (the report gives mean ± std and tests)
+    # cross-validation: K runs, fold i validating on the i-th of K stratified parts of the training split
+    # (the seed fixes the parts; experiments/folds.py); 0 = the usual [data] val_fraction hold-out
+    folds: int = 0
+    fold: int = 0                     # which fold this run is (1..folds); 0 with folds = K: run all K
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -313,6 +365,11 @@ class Config:
         _check(problem is None, where, "name", f"{problem}; got {self.name!r} (e.g. name = \"resnet-cub\")")
         _check(self.seed >= 0, where, "seed", "must be >= 0")
         _check(self.seeds >= 1, where, "seeds", "must be >= 1")
+        _check(self.folds == 0 or self.folds >= 2, where, "folds", f"must be 0 (no cross-validation) or >= 2; got {self.folds}")
+        _check(0 <= self.fold <= self.folds, where, "fold", f"must be in 0..folds ({self.folds}); got {self.fold}")
+        _check(not self.folds or self.data.val_fraction > 0, where, "folds",
+               f"= {self.folds} validates on each fold in turn, but [data] val_fraction = 0 asks for no validation "
+               f"split; remove val_fraction = 0 (folds replace it) or run without --folds")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), where, "device",
                f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         for name in SECTIONS:
@@ -331,7 +388,10 @@ class Config:
         """The frozen-feature recipe's keys work on cached features: with a trainable backbone the features
         change every step, and each search trial would be a whole training run."""
         keys = [f"[model] {k}" for k in ("flip_average", "standardize_features") if getattr(self.model, k)]
-        keys += ["[search]"] if self.search.grid() else []
+        keys += ["[search]"] if self.search.grid() or self.search.C else []
+        if self.search.C and self.model.head:
+            raise ConfigError(f"{where}: [search] C fits a linear head (logistic regression), but [model] head = "
+                              f"{self.model.head}: set head = [] or remove C")
         if (self.augment.test_flip or self.augment.test_shift) and self.train.freeze_backbone:
             key = "test_flip" if self.augment.test_flip else "test_shift"
             raise ConfigError(f"{where}: [augment] {key} does not apply to frozen-backbone runs, which are "
@@ -382,8 +442,9 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "integer", float: "number", bool: "true/false", str: "string", list: "list", dict: "table"}.get(tp, str(tp))
+        item = _type_name(typing.get_args(tp)[0])
+        return f"list of {item}s" if item in ("integer", "number", "string") else f"list of {item}"
+    return {int: "integer", float: "number", bool: "true or false", str: "string", list: "list", dict: "table"}.get(tp, str(tp))
 
 
 def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
@@ -395,16 +456,26 @@ def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"{where}: '{key}' is a table; write [{key}] or {key}.<key> = value")
     if not _type_ok(value, tp):
-        article = "" if typing.get_origin(tp) is Literal else "a "
-        raise ConfigError(f"{where}: '{key}' must be {article}{_type_name(tp)}, got {value!r}")
+        name = _type_name(tp)
+        article = "" if typing.get_origin(tp) is Literal or tp is bool else "an " if name[0] in "aeiou" else "a "
+        raise ConfigError(f"{where}: '{key}' must be {article}{name}, got {value!r}")
     if tp is float or (isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.5, tp)):
         value = float(value)
     setattr(obj, key, value)
 
 
+# Tables another command reads from the same file, not part of a run: [tune] is `cnnlab tune`'s search space
+# (cnnlab.tuning.space checks it); `cnnlab run` trains the config's own values and leaves it alone.
+COMMAND_TABLES = ("tune",)
+
+
 def apply_dict(cfg: Config, raw: dict, source: str) -> Config:
     """Apply a parsed TOML document onto cfg (in place) with full type checking."""
     for key, value in raw.items():
+        if key in COMMAND_TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' must be a table ([{key}])")
+            continue
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{key}' must be a table ([{key}])")

@@ -31,6 +31,10 @@ class Dataset:
     files: dict = field(default_factory=dict)
     # [data] skip_corrupt: the (path, reason) of each image left out; a run lists them in skipped_images.txt
     skipped: list = field(default_factory=list)
+    # rows of x_train that are the validation split (an image folder's val/), instead of [data] val_fraction
+    val_rows: torch.Tensor | None = None
+    # lines about what the source chose for the user (image size, classes, layout): printed by a run
+    notes: list = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -43,7 +47,9 @@ class Dataset:
 
 
 # A source takes its DataConfig and returns (x_train, y_train, x_test, y_test, class_names) as numpy
-# arrays (uint8 NHWC or NCHW, int labels) before class selection.
+# arrays (uint8 NHWC or NCHW, int labels) before class selection, optionally followed by a dict of extras:
+# "classes" (the class spec it resolved, replacing [data] classes), "val" (bool mask over the training rows
+# that are the validation split) and "notes" (lines for the run).
 SOURCES: dict[str, Callable] = {}
 
 
@@ -61,13 +67,21 @@ def load_dataset(cfg: DataConfig, quiet: bool = False) -> Dataset:
     from cnnlab.data.images import skipped_images, skipped_summary
     from cnnlab.data.stream import RowFile
     with skipped_images() as skipped:         # one line for all skipped images, not one warning each
-        xtr, ytr, xte, yte, names = SOURCES[cfg.source](cfg, quiet=quiet)
+        xtr, ytr, xte, yte, names, *more = SOURCES[cfg.source](cfg, quiet=quiet)
+    extras = more[0] if more else {}
+    val = extras.get("val")
     if skipped:
         print(skipped_summary(cfg.source, skipped), file=sys.stderr)
-    keep = resolve_classes(cfg.classes, names, cfg.source)
+    keep = resolve_classes(extras.get("classes", cfg.classes), names, cfg.source)
     files = {}
     for split, x, y, cap in (("train", xtr, ytr, cfg.max_train_per_class), ("test", xte, yte, cfg.max_test_per_class)):
-        xs, ys = select(x, y, keep, cap)
+        mask = None
+        if split == "train" and val is not None:      # train and val rows capped as their own splits
+            mask = np.zeros(len(y), dtype=bool)
+            mask[~val] = first_per_class(np.asarray(y)[~val], keep, cap)
+            mask[val] = first_per_class(np.asarray(y)[val], keep, cfg.max_test_per_class)
+            val = val[mask]
+        xs, ys = select(x, y, keep, cap, mask)
         if xs is x and isinstance(x, np.memmap) and x.ndim == 4 and x.shape[1] == 3:
             files[f"x_{split}"] = RowFile.of(x)       # still the whole file: batches can be read from it
         if split == "train":
@@ -75,7 +89,8 @@ def load_dataset(cfg: DataConfig, quiet: bool = False) -> Dataset:
         else:
             xte, yte = xs, ys
     return Dataset(to_nchw(xtr), torch.from_numpy(ytr), to_nchw(xte), torch.from_numpy(yte),
-                   [names[k] for k in keep], cfg.source, files, skipped)
+                   [names[k] for k in keep], cfg.source, files, skipped,
+                   None if val is None else torch.from_numpy(np.flatnonzero(val)), list(extras.get("notes", [])))
 
 
 def resolve_classes(spec: int | list, names: list[str], source: str) -> list[int]:
@@ -101,12 +116,21 @@ def resolve_classes(spec: int | list, names: list[str], source: str) -> list[int
     return out
 
 
-def first_per_class(labels: np.ndarray, keep, cap: int) -> np.ndarray:
+def first_per_class(labels: np.ndarray, keep, cap: int | list[int]) -> np.ndarray:
     """Boolean mask of the records whose label is in `keep`, at most `cap` of each class (0 = all), in
-    record order: the one "first N per class" rule of every source (CIFAR, CUB, image folders)."""
+    record order: the one "first N per class" rule of every source (CIFAR, CUB, image folders). A list
+    `cap` gives each class of `keep` its own cap, in the same order (an imbalanced set on purpose)."""
     labels = np.asarray(labels, dtype=np.int64)
-    mask = np.isin(labels, np.fromiter(keep, dtype=np.int64))
-    if cap:
+    keep = list(keep)
+    mask = np.isin(labels, np.asarray(keep, dtype=np.int64))
+    if isinstance(cap, list):
+        if len(cap) != len(keep):
+            raise DataError(f"[data] max_train_per_class lists {len(cap)} caps but {len(keep)} classes are "
+                            f"selected; give one cap per class of [data] classes, in its order (0 = all)")
+        caps = np.zeros(max(int(labels.max(initial=0)), max(keep)) + 1, dtype=np.int64)
+        caps[keep] = [c or np.iinfo(np.int64).max for c in cap]
+        cap = caps[np.where(mask, labels, keep[0])]
+    if np.any(cap):
         order = np.argsort(labels, kind="stable")           # records grouped by class, record order inside
         sorted_labels = labels[order]
         starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
@@ -116,13 +140,14 @@ def first_per_class(labels: np.ndarray, keep, cap: int) -> np.ndarray:
     return mask
 
 
-def select(x: np.ndarray, y: np.ndarray, keep: list[int], cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the listed classes (relabelled 0..k-1) and at most `cap` images of each, in record order.
-    When every image is kept, `x` itself comes back (a memory-mapped cache is not copied)."""
+def select(x: np.ndarray, y: np.ndarray, keep: list[int], cap: int,
+           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the listed classes (relabelled 0..k-1) and at most `cap` images of each, in record order (or
+    the rows of `mask`). When every image is kept, `x` itself comes back (a memory-mapped cache is not copied)."""
     y = np.asarray(y, dtype=np.int64)
     remap = np.full(max(int(y.max(initial=0)), max(keep)) + 1, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
-    mask = first_per_class(y, keep, cap)
+    mask = first_per_class(y, keep, cap) if mask is None else mask
     return (x if mask.all() else x[mask]), remap[y[mask]]
 
 
@@ -166,3 +191,22 @@ def split_train_val(y: torch.Tensor, fraction: float, mode: str, seed: int) -> t
     mask = torch.ones(n, dtype=torch.bool)
     mask[val_idx] = False
     return torch.nonzero(mask).flatten(), val_idx
+
+
+def train_val_split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training and validation indices of a run (and `cnnlab evaluate --split val`), with their notes:
+    an image folder's val/ when it has one; else `split_train_val`, where an image folder's records are
+    sorted by class, so a Keras `last` / `first` split (a practice config used as a base) would hold out
+    whole classes: it becomes stratified, as Keras's image_dataset_from_directory shuffles before splitting."""
+    if ds.val_rows is not None:
+        is_val = torch.zeros(len(ds.y_train), dtype=torch.bool)
+        is_val[ds.val_rows] = True
+        return torch.nonzero(~is_val).flatten(), ds.val_rows, []
+    mode, notes = cfg.val_split, []
+    if cfg.source == "imagefolder" and mode in ("last", "first") and cfg.val_fraction > 0:
+        mode = "stratified"
+        notes.append(f"[data] val_split = {cfg.val_split!r} (Keras fit's unshuffled split) would hold out only the "
+                     f"{cfg.val_split} classes of an image folder, whose images are sorted by class: using a "
+                     f"seeded stratified split instead")
+    tr, va = split_train_val(ds.y_train, cfg.val_fraction, mode, seed)
+    return tr, va, notes

@@ -39,6 +39,10 @@ TASK = 64                   # images per worker task (small tasks keep every cor
 PROCESSES_FROM = 2048       # builds this large decode in worker processes; smaller ones in threads
 
 
+class MixedSizes(DataError):
+    """Images kept at their own size (image_size 0) that are not all one size: the folder source resizes them."""
+
+
 def cached_images(paths: list[Path], size: int, skip_corrupt: bool, what: str, quiet: bool = False):
     """The decoded images of `paths`, built or updated as needed. Returns (uint8 memmap (K, 3, S, S) of the
     readable images, kept mask over paths). The memmap is copy-on-write: writing to it never touches the cache."""
@@ -219,7 +223,7 @@ def readable(base: Path, meta: dict, paths: list[Path], skip_corrupt: bool, what
     keep[list(bad)] = False
     mixed = [r for r, e in bad.items() if "image_size" in e]
     if mixed:
-        raise DataError(f"{what}: images have different sizes ({paths[mixed[0]]}: {bad[mixed[0]]})")
+        raise MixedSizes(f"{what}: images have different sizes ({paths[mixed[0]]}: {bad[mixed[0]]})")
     if bad and not skip_corrupt:
         r = min(bad)
         raise DataError(f"{what}: cannot read image {paths[r]} ({bad[r]}); remove or replace it, "

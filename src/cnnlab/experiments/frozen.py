@@ -6,7 +6,9 @@ freeze_backbone = true (the practice's exercise 3, part one):
      transfer/features.py), and the head becomes what trains;
   2. [model] standardize_features: the head's Standardize layer gets the training split's feature mean/std;
   3. [search]: the head's hyper-parameters chosen on the validation split (transfer/search.py); the chosen
-     values go into `plan.chosen`, never into the user's config.
+     values go into `plan.chosen`, never into the user's config. Or [search] C: the linear head solved as a
+     logistic regression, C by cross-validation over every training image (transfer/logistic.py): `plan.solved`,
+     nothing left to train.
 probe_epochs = N with a trainable backbone: the head starts from a linear probe on the same cached features of the
 training images (transfer/probe.py), then the whole network fine-tunes.
 """
@@ -22,6 +24,7 @@ from cnnlab.data.stream import RowFile
 from cnnlab.experiments.plan import Plan, backbone_of, place_splits
 from cnnlab.runtime.device import use_bf16
 from cnnlab.transfer.features import feature_array, release_compiled, weights_fingerprint
+from cnnlab.transfer.logistic import fit_logistic_head
 from cnnlab.transfer.probe import probe_head
 from cnnlab.transfer.search import search_head
 
@@ -48,6 +51,8 @@ def frozen_head(plan: Plan, progress: str, resume: bool) -> Plan:
     plan = dataclasses.replace(plan, data=feats, trained=head,
                                extra={**plan.extra, "features_from_cache": feats.from_cache})
     plan.splits = place_splits(plan, quiet=progress == "none")
+    if plan.cfg.search.C:                   # the head solved in closed form, on every training image
+        return logistic_head(plan, head, quiet=progress == "none")
     if hasattr(head, "standardize"):        # the head's own layer (models/backbones.make_head)
         head.standardize.fit(plan.splits.train.x)
     if plan.cfg.search.grid() and not resume:
@@ -55,6 +60,19 @@ def frozen_head(plan: Plan, progress: str, resume: bool) -> Plan:
                                      quiet=progress == "none")
         plan = dataclasses.replace(plan, chosen=chosen, extra={**plan.extra, **record})
     return plan
+
+
+def logistic_head(plan: Plan, head, quiet: bool) -> Plan:
+    """[search] C: the linear head fitted as a cross-validated LogisticRegression (transfer/logistic.py) on the
+    training and validation images together (cross-validation replaces the hold-out); no epochs are left to
+    train. Deterministic (seeded folds, a convex problem), so a resumed run fits it again."""
+    rows = torch.cat([plan.tr_idx, plan.va_idx]).sort().values      # record order: the folds depend on it
+    x, y = plan.data.x_train[rows], plan.data.y_train[rows]
+    if hasattr(head, "standardize"):
+        head.standardize.fit(x.to(plan.device))
+    s = plan.cfg.search
+    record = fit_logistic_head(head, x, y, len(plan.data.classes), s.C, s.cv_folds, plan.cfg.seed, quiet)
+    return dataclasses.replace(plan, solved=True, extra={**plan.extra, "logistic": record})
 
 
 class FeatureSet(Dataset):

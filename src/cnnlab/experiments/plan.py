@@ -45,11 +45,13 @@ class Plan:
     chosen: dict = field(default_factory=dict)     # [train] values chosen during the run ([search])
     notes: list[str] = field(default_factory=list)  # warnings: printed, and kept in results.json
     extra: dict = field(default_factory=dict)      # results.json extras (probe, search, feature cache)
+    solved: bool = False            # the trained module was fitted in closed form ([search] C): no epochs to run
 
     @property
     def train_config(self) -> TrainConfig:
-        """The [train] table the trainer uses: the user's, with the values chosen on validation."""
-        return dataclasses.replace(self.cfg.train, **self.chosen)
+        """The [train] table the trainer uses: the user's, with the values chosen on validation (no epochs for
+        a head already solved)."""
+        return dataclasses.replace(self.cfg.train, **self.chosen, **({"epochs": 0} if self.solved else {}))
 
     @property
     def frozen(self) -> bool:
@@ -72,7 +74,7 @@ class DataCache:
     def get(self, cfg: DataConfig, quiet: bool) -> Dataset:
         # The validation split and the device placement come after loading: rows that differ only there
         # share the loaded data.
-        later = ("val_fraction", "val_split", "memory_budget_mb")
+        later = ("val_fraction", "val_split", "memory_budget_mb", "sampler")
         key = repr(sorted((k, v) for k, v in vars(cfg).items() if k not in later))
         if key not in self._cache:
             self._cache = {key: load_dataset(cfg, quiet=quiet)}   # keep one: data sets can be large

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, DataConfig
-from cnnlab.data import Dataset, split_train_val
+from cnnlab.data import Dataset, train_val_split
 from cnnlab.data.preprocess import Normalizer, Preprocess
 from cnnlab.data.stream import rows_of
 from cnnlab.errors import ConfigError
-from cnnlab.experiments import frozen
+from cnnlab.experiments import folds, frozen
 from cnnlab.experiments.plan import DataCache, Plan, Splits, choose_normalizer, place_splits, split_warnings
 from cnnlab.models import summary
 from cnnlab.models.build import build_model
@@ -34,20 +34,29 @@ def prepare(cfg: Config, *, source: str = "<config>", progress: str = "bar", dat
     device = resolve_device(cfg.device)
     ds = (data_cache or DataCache()).get(cfg.data, quiet)
     torch.manual_seed(cfg.seed)           # the seed fixes the initial weights: variants start identical
-    model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
+    try:
+        model, backbone_norm, size = build_model(cfg.model, ds.num_classes, ds.x_train.shape[-1])
+    except ConfigError as e:              # what only the data decides (classes, image size): name the file too
+        if not str(e).startswith("[model]"):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
     if size >= allocator.LARGE_INPUT:     # activations of tens of MB: no page faults per batch
         allocator.keep_freed_memory()
     if cfg.augment.test_shift >= size:
         raise ConfigError(f"{source}: [augment] test_shift = {cfg.augment.test_shift} is not smaller than the "
                           f"{size}px images; use 1 or 2 pixels")
     table = summary(model, (3, size, size))
-    tr_idx, va_idx = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
+    tr_idx, va_idx, fold_notes = folds.holdout(ds.y_train, cfg, list(ds.classes))    # [data] val_fraction, or a fold
+    if not cfg.folds:           # an image folder's val/, or val_fraction (a Keras 'last' becomes stratified there)
+        tr_idx, va_idx, fold_notes = train_val_split(ds, cfg.data, cfg.seed)
     norm = choose_normalizer(cfg.train.normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr_idx),
                              backbone_norm, source)
     preprocess = Preprocess.from_normalizer(norm, ds.x_train.shape[-1], size, cfg.augment.eval_crop)
     plan = Plan(cfg, source, device, ds, model, model, preprocess, size, tr_idx, va_idx, table, ds.x_test,
-                notes=cfg.notes() + split_warnings(ds, tr_idx, va_idx, cfg.data))
+                notes=cfg.notes() + ds.notes + fold_notes + split_warnings(ds, tr_idx, va_idx, cfg.data))
     plan = frozen.apply(plan, progress, resume)
+    if plan.frozen:          # only the head trains (on cached features): the table counts it alone as trainable
+        plan.table = summary(model, (3, size, size), trained=plan.trained)
     if plan.splits is None:
         plan.splits = place_splits(plan, quiet=progress == "none")
     if cfg.train.batch_size > len(plan.splits.train):
@@ -60,7 +69,7 @@ def prepare_splits(ds: Dataset, cfg: DataConfig, normalize: str, seed: int, devi
                    backbone_norm: Normalizer | None = None) -> tuple[Splits, Preprocess]:
     """The image path of `prepare` alone, for benchmarks and notebooks: hold out validation, fit the
     normalizer on the training split only, place the splits on the device; (splits, their Preprocess)."""
-    tr, va = split_train_val(ds.y_train, cfg.val_fraction, cfg.val_split, seed)
+    tr, va, _ = train_val_split(ds, cfg, seed)
     norm = choose_normalizer(normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr), backbone_norm, "<config>")
     size = ds.x_train.shape[-1]
     plan = Plan(Config(data=cfg), "<config>", device, ds, nn.Identity(), nn.Identity(),

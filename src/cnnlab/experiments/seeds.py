@@ -21,7 +21,11 @@ def seed_configs(cfg: Config, seeds: int | None = None) -> list[Config]:
 
 def run_seeds(cfg: Config, runs_dir: str | Path, *, source: str, progress: str = "bar", argv: list[str] | None = None,
               callbacks: list = (), seeds: int | None = None) -> list[RunOutcome]:
-    """Run the config with each of its seeds, one run folder each; with several, a line with the mean ± std."""
+    """Run the config with each of its seeds, one run folder each; with several, a line with the mean ± std.
+    With `folds = K` (experiments/folds.py): K runs per seed, under one parent folder with their summary."""
+    if cfg.folds and not cfg.fold:
+        from cnnlab.experiments.folds import run_folds
+        return run_folds(cfg, runs_dir, source=source, progress=progress, argv=argv, callbacks=callbacks, seeds=seeds)
     outcomes = [run_experiment(c, runs_dir, source=source, progress=progress, argv=argv, callbacks=list(callbacks))
                 for c in seed_configs(cfg, seeds)]
     if len(outcomes) > 1 and outcomes[0].path is not None:

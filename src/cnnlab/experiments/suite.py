@@ -30,10 +30,12 @@ from cnnlab.configs import suite_files
 from cnnlab.errors import CnnlabError, DataMissing, RunInterrupted
 from cnnlab.experiments.plan import DataCache
 from cnnlab.experiments.run import run_experiment
+from cnnlab.experiments.folds import fold_configs
 from cnnlab.experiments.seeds import seed_configs
 from cnnlab.records.report import write_report
 from cnnlab.records.runs import Results, RunFolder, RunRecorder
 from cnnlab.records.io import read_json, write_json
+from cnnlab.wording import plural
 
 SUITE_FILE = "_suite.toml"      # optional, in a suite folder: [[compare]] a = "row", b = "row", label = "..."
 
@@ -61,7 +63,8 @@ def load_rows(name: str, overrides: list, data: str | None, only: list[str] | No
 
 def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None = None,
               only: list[str] | None = None, progress: str = "bar", argv: list[str] | None = None,
-              seeds: int | None = None, resume: str | None = None, jobs: int = 1) -> tuple[Path, int]:
+              seeds: int | None = None, resume: str | None = None, jobs: int = 1,
+              verbose: bool = False, launcher=None) -> tuple[Path, int]:
     """Run (or resume) every row of a suite; returns (suite folder, number of rows that did not finish ok).
 
     Under torchrun every rank runs every row together (each its shard of every batch); rank 0 alone
@@ -72,6 +75,8 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None
     if jobs > 1 and dist.enabled:
         raise CnnlabError("--jobs runs rows as separate processes; under torchrun every process already runs "
                           "every row together: drop --jobs, or run without torchrun")
+    if launcher is not None:           # cnnlab.experiments.launch.SlurmLauncher: rows as cluster jobs
+        launcher.check(jobs, dist.enabled)
     main = dist.is_main
     progress = progress if main else "none"
     if resume:
@@ -98,19 +103,22 @@ def run_suite(name: str, runs_dir: str | Path, overrides: list, data: str | None
     t0 = time.perf_counter()
     work = []                          # (config of one seed, its file, its row folder), in report order
     for i, (f, cfg) in enumerate(rows, 1):
-        for cfg_s in seed_configs(cfg, seeds):
-            work.append((cfg_s, f, folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else ""))))
+        for cfg_s in (k for s in seed_configs(cfg, seeds) for k in fold_configs(s)):    # folds = K: K runs each
+            work.append((cfg_s, f, folder / "rows" / (f"{i:02d}-{cfg.name}" + (f"-seed{cfg_s.seed}" if seeds > 1 else "")
+                                                      + (f"-fold-{cfg_s.fold}" if cfg_s.fold else ""))))
     try:
-        if jobs > 1:
+        if launcher is not None:
+            failures = launcher.run(work, folder, argv)
+        elif jobs > 1:
             failures = _run_parallel(work, jobs, argv)
         else:
-            failures = sum(not _run_row(c, f, path, progress, cache, argv, main) for c, f, path in work)
+            failures = sum(not _run_row(c, f, path, progress, cache, argv, main, table=verbose) for c, f, path in work)
     except RunInterrupted:
         raise RunInterrupted(folder) from None          # resume the suite, not the row
     if main:
         report = write_report(folder, title=f"cnnlab suite {name}")
-        n = len(rows) * seeds
-        print(f"\nsuite {name}: {n - failures}/{n} runs ok in {time.perf_counter() - t0:.1f}s; report: {report}")
+        n = len(work)
+        print(f"\nsuite {name}: {n - failures}/{plural(n, 'run')} ok in {time.perf_counter() - t0:.1f}s; report: {report}")
     return folder, failures
 
 
@@ -130,8 +138,10 @@ def check_data(rows: list, cache: DataCache, suite: str) -> None:
             pass                      # a row's own data problem: that row fails and is recorded
 
 
-def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv, main: bool) -> bool:
-    """Run one row into `path` (resuming or skipping what a previous attempt left); True when it ended ok."""
+def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCache, argv, main: bool,
+             table: bool = False) -> bool:
+    """Run one row into `path` (resuming or skipping what a previous attempt left); True when it ended ok.
+    `table`: print its layer table (-v); else one line of counts (an EfficientNet's table is ~150 lines)."""
     run = RunFolder(path)
     previous = run.read_results() if path.is_dir() else None
     if previous and previous.get("status") == "ok":
@@ -149,7 +159,8 @@ def _run_row(cfg: Config, source: Path, path: Path, progress: str, cache: DataCa
         print(f"== {cfg.name} (seed {cfg.seed}): resuming from epoch {_checkpoint_epoch(run)}")
     try:
         out = run_experiment(cfg, path.parent, source=str(source), progress=progress, data_cache=cache,
-                             argv=argv, resume=run if resume else None, folder=None if resume else run)
+                             argv=argv, resume=run if resume else None, folder=None if resume else run,
+                             table=table)
         return out.results.ok
     except RunInterrupted:
         raise
@@ -260,13 +271,15 @@ def _checkpoint_epoch(run: RunFolder) -> int:
     return int(load_checkpoint(run.checkpoints / "last.pt")["epoch"])
 
 
-def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None, main: bool = True) -> None:
+def _record_failure(run: RunFolder, cfg: Config, reason: str, tb: str | None = None, main: bool = True,
+                    quiet: bool = False) -> None:
+    """Write the row's failed results (rank 0 only: `main`); `quiet`: the caller prints its own line."""
     recorder = RunRecorder(run if main else None)
     recorder.write_results(Results(name=cfg.name, status="failed", label=cfg.report.label or cfg.name, reason=reason,
-                                   model=cfg.model.name, optimizer=cfg.train.optimizer, batch_size=cfg.train.batch_size,
+                                   model=cfg.model.label, optimizer=cfg.train.optimizer, batch_size=cfg.train.batch_size,
                                    epochs_max=cfg.train.epochs, seed=cfg.seed,
                                    reference_accuracy=cfg.report.reference_accuracy))
     if tb:
         recorder.write_text("traceback.txt", tb)
-    if main:
+    if main and not quiet:
         print(f"!! {cfg.name}: FAILED: {reason}")

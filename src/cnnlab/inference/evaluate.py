@@ -55,9 +55,10 @@ def evaluate_runs(models: list, data: str | None, data_dir: str | None, split: s
     """Score one model, or the average of several models' predicted probabilities (an ensemble: runs of
     other seeds or variants with the same classes), on the first run's data or other data with those
     classes. Returns (Evaluation, the folder it wrote, each model's own accuracy)."""
-    from cnnlab.data import load_dataset, split_train_val
+    from cnnlab.data import load_dataset, train_val_split
     from cnnlab.models import mean_probability_logits
     from cnnlab.records.evaluation import evaluate_logits, write_evaluation
+    from cnnlab.inference.explain import error_overlays
     from cnnlab.records.io import write_json
     if split not in ("test", "val"):
         raise CnnlabError(f"--split {split!r}: choose test or val")
@@ -70,7 +71,7 @@ def evaluate_runs(models: list, data: str | None, data_dir: str | None, split: s
     if split == "test":
         x, y, file = ds.x_test, ds.y_test, ds.files.get("x_test")
     else:
-        _, va = split_train_val(ds.y_train, cfg.data.val_fraction, cfg.data.val_split, cfg.seed)
+        _, va, _ = train_val_split(ds, cfg.data, cfg.seed)
         x, y, file = ds.x_train[va], ds.y_train[va], None
     per_model, own = [], []
     for m in models:
@@ -87,10 +88,17 @@ def evaluate_runs(models: list, data: str | None, data_dir: str | None, split: s
     folder = first.run_dir / (f"eval-{what}{name}-{split}" if name else f"eval-{what}{split}")
     title = (f"{first.config.name}" if len(models) == 1 else f"ensemble of {len(models)} runs") + \
         f" on {name or 'its own data'} ({split})"
-    write_evaluation(folder, ev, x, title=title)
-    write_json(folder / "evaluation.json", {"data": name or "the run's own", "split": split, "weights": first.weights,
+    heatmaps, note = (None, "errors.png: no Grad-CAM heatmaps for an ensemble (they are one network's)") \
+        if len(models) > 1 else error_overlays(first.model, first.preprocess, x, ev.errors, first.classes)
+    if note and not quiet:
+        print(f"note: {note}")
+    write_evaluation(folder, ev, x, title=title, heatmaps=heatmaps)
+    from cnnlab.records.runs import RunFolder, run_state
+    scored = lambda m: {"weights": m.weights, "weights_file": m.weights_file, "epoch": m.epoch,  # noqa: E731
+                        "run_status": run_state(RunFolder(m.run_dir)).describe()}    # an unfinished run says so
+    write_json(folder / "evaluation.json", {"data": name or "the run's own", "split": split, **scored(first),
                                             "n": ev.n, "loss": ev.loss, "accuracy": ev.top1, "top5": ev.top5,
                                             "macro_f1": ev.macro_f1,
-                                            **({"runs": [{"run": str(m.run_dir), "weights": m.weights, "accuracy": a}
+                                            **({"runs": [{"run": str(m.run_dir), **scored(m), "accuracy": a}
                                                          for m, a in zip(models, own)]} if len(models) > 1 else {})})
     return ev, folder, own

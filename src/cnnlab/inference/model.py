@@ -31,6 +31,11 @@ class LoadedRun:
     config: Config
     weights: str                  # best | last: the file actually loaded
     scoring: Scoring
+    epoch: int | None = None      # the epoch whose weights these are (from the checkpoint)
+
+    @property
+    def weights_file(self) -> str:
+        return f"checkpoints/{self.weights}.pt"
 
     def __iter__(self):
         """`model, preprocess, classes, config = load_model(run)`: the 4-tuple load_model returned before 0.3."""
@@ -72,13 +77,24 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
     device = torch.device(device)
     if not (run_dir / "config.toml").is_file():
         raise CnnlabError(f"{run_dir}: not a run folder (no config.toml)")
+    present = [w for w in ("best", "last") if (run_dir / "checkpoints" / f"{w}.pt").is_file()]
+    ended = _optional(run_dir, "results.json")
+    if not present and ended.get("status") == "failed":
+        why = ended.get("reason") or "no reason recorded"
+        raise CheckpointError(f"{run_dir}: the run failed before saving any weights ({why}); once that is fixed, "
+                              f"train it again: cnnlab rerun {run_dir}")
+    if not present:
+        raise CheckpointError(f"{run_dir}: no checkpoint yet (the run stopped before its first epoch ended, or is "
+                              f"still in it): resume it with cnnlab run --resume {run_dir}")
     cfg = load_config(run_dir / "config.toml")
     from cnnlab.models.trust import check_trusted
     check_trusted(cfg.model, trust_code, str(run_dir / "config.toml"))
+    from cnnlab.models.plugins import import_run_code      # its code, or where it was when the run trained
+    import_run_code(cfg.model, _optional(run_dir, "meta.json"), str(run_dir))
     classes, pre = _read(run_dir, "classes.json"), Preprocess.from_dict(_read(run_dir, "preprocess.json"))
-    results = _optional(run_dir, "results.json")
+    results = ended
     if weights == "auto":        # what the run's results come from: best when early stopping restored it, else last
-        weights = results.get("weights", "last")
+        weights = results.get("weights", "last" if "last" in present else "best")   # unfinished: the latest
     if weights not in ("best", "last"):
         raise CnnlabError(f"--weights {weights!r}: choose best, last or auto")
     from cnnlab.models.backbones import PreprocessingWarning
@@ -89,10 +105,11 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
         warnings.simplefilter("ignore", PreprocessingWarning)
         model, _, _ = build_model(dataclasses.replace(cfg.model, weights="none"), len(classes), pre.image_size)
     ckpt = run_dir / "checkpoints" / f"{weights}.pt"
-    if not ckpt.is_file():
+    if not ckpt.is_file():             # the other one exists (checked above): name only a file that is there
         raise CheckpointError(f"{ckpt}: not found (the run stopped before saving its {weights} weights); "
-                              f"try --weights {'last' if weights == 'best' else 'best'}")
-    state = load_checkpoint(ckpt)["model"]
+                              f"use --weights {present[0]}")
+    saved = load_checkpoint(ckpt)
+    state = saved["model"]
     backbone = run_dir / "checkpoints" / "backbone.pt"
     try:
         if backbone.is_file():          # a frozen-feature run: its checkpoints hold the head
@@ -101,10 +118,10 @@ def load_model(run_dir: str | Path, weights: str = "auto", device: str | torch.d
         else:
             model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt}: does not fit model {cfg.model.name!r} ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{ckpt}: does not fit model {cfg.model.label!r} ({str(e).splitlines()[0][:200]})") from None
     model = inference_model(model, cfg.augment.test_flip, cfg.augment.test_shift)     # as the run scored
     return LoadedRun(model.to(device).eval(), pre, list(classes), cfg, weights,
-                     scoring_of(results, _optional(run_dir, "meta.json"), cfg, device))
+                     scoring_of(results, _optional(run_dir, "meta.json"), cfg, device), saved.get("epoch"))
 
 
 class Model:
@@ -119,6 +136,7 @@ class Model:
         loaded = load_model(run_dir, weights, self.device, trust_code)
         self.model, self.preprocess, self.classes, self.config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
         self.weights, self.scoring = loaded.weights, loaded.scoring
+        self.weights_file, self.epoch = loaded.weights_file, loaded.epoch     # what was loaded, for the records
         self._predictor = Predictor(self.model, self.preprocess, self.classes, self.device, batch_size, self.scoring)
 
     def predict(self, images, topk: int = 5) -> list[list[tuple[str, float]]]:
@@ -127,6 +145,12 @@ class Model:
 
     def probabilities(self, images) -> torch.Tensor:
         return self._predictor.probabilities(images)
+
+    def explain(self, images, layer: str | None = None, topk: int = 3) -> list:
+        """Per image an Explanation: .top (label, probability) best first, .target (the top class), .heatmap
+        (H, W) in [0, 1] of Grad-CAM for it over .image (what the network saw), .layer; inference/explain.py."""
+        from cnnlab.inference.explain import explain
+        return explain(self, images, layer, topk)
 
     def evaluate(self, data: str | None = None, data_dir: str | None = None, split: str = "test", quiet: bool = True):
         """Re-score on the run's own data or other data with the same classes (`cnnlab evaluate`); returns

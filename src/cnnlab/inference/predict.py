@@ -10,7 +10,8 @@ Every input, whatever its kind, goes through the same two steps as the data set 
      -> model -> softmax, eval mode, no grad: a prediction's logits are those `cnnlab evaluate` computes.
 
 Accepted inputs (one, or a list mixing any of them):
-  - a file path (str or Path);
+  - a file path (str or Path), or a folder's path: its image files, searched recursively and sorted by path
+    (as `cnnlab predict` lists them: `find_images`), one result per image in that order;
   - a PIL image, in any mode;
   - a uint8 numpy array: (H, W) grayscale, (H, W, 3) RGB, (H, W, 4) RGBA or (3, H, W); channels-last is
     assumed whenever the last axis has 3 or 4 entries. A 4-D array is a batch of such images;
@@ -119,8 +120,17 @@ def _items(images) -> Iterator:
     for item in images:
         if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
             yield from item
+        elif isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            found = _walk(Path(item))        # as `cnnlab predict` reads a folder: its images, sorted by path
+            if not found:
+                raise DataError(f"{item}: {NO_IMAGES}")
+            yield from found
         else:
             yield item
+
+
+NO_IMAGES = (f"no image files in this folder or below (looked for {', '.join(sorted(IMAGE_EXTS))}; "
+             f"hidden files skipped)")
 
 
 def to_array(item, size: int) -> np.ndarray:
@@ -248,6 +258,10 @@ def predict_files(predictor: Predictor, paths: list[str | Path], topk: int = 5,
     _check_topk(topk, len(predictor.classes))
     size = predictor.preprocess.image_size
     rows, failures = [], []
+    # a folder without images is a failure of its own: else `cnnlab predict RUN emptydir` says nothing at all
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    failures += [(Path(p), NO_IMAGES) for p in paths if Path(p).is_dir() and not _walk(Path(p))]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         for chunk in _chunks(find_images(paths), batch_size):
             decoded = list(pool.map(lambda p: _decode_file(p, size), chunk))

@@ -2,7 +2,9 @@
 
 A registered function takes `num_classes` (and any keyword arguments from `[model] args`) and returns an
 nn.Module that maps a float (N, 3, H, W) batch to logits. Names that are not registered are looked up
-as backbones (timm, torchvision, or `package.module:function`) in `cnnlab.models.backbones`.
+as backbones (timm, torchvision, or `package.module:function`) in `cnnlab.models.backbones`. Besides
+cnnlab's own nets, the registry holds those of installed plugins (entry point group `cnnlab.models`) and of
+the modules a config names (`[model] module`): cnnlab.models.plugins.
 """
 from __future__ import annotations
 
@@ -21,15 +23,21 @@ _DESCRIPTIONS: dict[str, str] = {}
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn` under its own name. Its docstring's first line is what `cnnlab models` shows."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    _DESCRIPTIONS[fn.__name__] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+    _register(fn.__name__, fn)
     return fn
+
+
+def _register(name: str, fn: Callable[..., nn.Module]) -> None:
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = fn
+    _DESCRIPTIONS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
 
 
 def _load_builtin() -> None:
     from cnnlab.models import cifar  # noqa: F401  (registers the CIFAR models)
+    from cnnlab.models.plugins import load_entry_points
+    load_entry_points(_MODELS, _register)          # installed plugins, once per process
 
 
 def list_models() -> list[str]:
@@ -54,8 +62,9 @@ def create_model(name: str, num_classes: int, image_size: int | None = None, **k
     practice's nets size their first dense layer from it, as Keras does); None keeps the function's default."""
     _load_builtin()
     if name not in _MODELS:
+        from cnnlab.models.plugins import failures_hint
         raise ConfigError(f"[model] name = {name!r} is not a registered model; `cnnlab models` lists them "
-                          f"(or use a timm/torchvision backbone name, or package.module:function)")
+                          f"(or use a timm/torchvision backbone name, or package.module:function){failures_hint()}")
     fn = _MODELS[name]
     if image_size is not None and "image_size" in inspect.signature(fn).parameters:
         kwargs["image_size"] = image_size
@@ -83,8 +92,9 @@ def keras_init_(model: nn.Module) -> nn.Module:
     return model
 
 
-def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A Keras-like table: one row per leaf layer with its output shape and parameter count."""
+def summary(model: nn.Module, input_shape: tuple[int, ...], trained: nn.Module | None = None) -> str:
+    """A Keras-like table: one row per leaf layer with its output shape and parameter count. `trained`: the part
+    the optimizer trains when it is not the whole model (a frozen backbone's head): only it counts as trainable."""
     rows, hooks = [], []
 
     def hook(mod, _inp, out):
@@ -92,7 +102,8 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         n = sum(p.numel() for p in mod.parameters(recurse=False))
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
             n += mod.running_mean.numel() + mod.running_var.numel()
-        rows.append((mod._cnnlab_name, type(mod).__name__, shape, n))
+        # a [model] layers module shows the user's own call (models/layers.py), others their class
+        rows.append((mod._cnnlab_name, getattr(mod, "layer_text", type(mod).__name__), shape, n))
 
     for name, mod in model.named_modules():
         if not list(mod.children()):
@@ -111,7 +122,7 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     # Counted as Keras counts: BatchNorm moving mean/variance are (non-trainable) parameters there.
     moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
-    total, trainable = count_params(model) + moving, count_params(model, trainable_only=True)
+    total, trainable = count_params(model) + moving, count_params(trained or model, trainable_only=True)
     w = max([len(f"{n} ({t})") for n, t, _, _ in rows] + [20]) + 2
     line = "-" * (w + 36)
     out = [line, f"{'Layer (type)':<{w}}{'Output Shape':<24}{'Param #':>12}", "=" * (w + 36)]

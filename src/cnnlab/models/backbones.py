@@ -17,7 +17,7 @@ Each backbone brings its own input preprocessing (mean/std, input size) from its
 """
 from __future__ import annotations
 
-import importlib
+import urllib.parse
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -133,18 +133,21 @@ def _is_file(weights: str) -> bool:
     return weights.lower().endswith(WEIGHT_FILE_SUFFIXES) or Path(weights).expanduser().is_file()
 
 
-def _offline_error(name: str, e: Exception) -> CnnlabError:
+def _offline_error(name: str, e: Exception, why: str = "") -> CnnlabError:
+    why = f"; {why}" if why else ""
     return CnnlabError(
-        f"[model] weights: cannot get pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"[model] weights: cannot get pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}{why}). "
         f"On a machine with internet they are downloaded and cached on first use; offline, download the weights "
         f"file elsewhere and set [model] weights = '/path/to/file.safetensors' (or .pth), or weights = 'none' for random.")
 
 
 def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]:
     import timm
+    from cnnlab.models.hub import prepare_hf_hub
+    from cnnlab.models.plugins import failures_hint
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"[model] name = {name!r} is not a cnnlab model, a timm model, 'tv:<torchvision model>' "
-                          f"or 'package.module:function'; `cnnlab models` lists cnnlab's")
+                          f"or 'package.module:function'; `cnnlab models` lists cnnlab's{failures_hint()}")
     kwargs: dict = {"num_classes": 0}     # num_classes=0: pooled features, no classifier
     if weights == "none":
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -153,7 +156,7 @@ def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]
         if not path.is_file():
             raise CnnlabError(f"[model] weights = {weights!r}: file not found")
         model = timm.create_model(name, pretrained=False, **kwargs)
-        state = _load_state(path)
+        state = load_state(path)
         # A file saved with the ImageNet classifier: drop it (the dense head replaces it); all else must fit.
         classifier = str(model.pretrained_cfg.get("classifier", "fc"))
         state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
@@ -164,6 +167,7 @@ def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]
                               f"(missing/unexpected keys; is it a state dict of {name}?)") from None
     else:
         full = f"{name.split('.')[0]}.{weights}" if weights else name
+        offline = prepare_hf_hub()       # a hub that does not answer: the local cache or this error, at once
         try:
             model = timm.create_model(full, pretrained=True, **kwargs)
         except (RuntimeError, ValueError) as e:
@@ -171,9 +175,9 @@ def _timm_backbone(name: str, weights: str) -> tuple[nn.Module, Normalizer, int]
                 tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")]
                 raise ConfigError(f"[model] weights = {weights!r} is not a pretrained tag of {name!r} "
                                   f"(tags: {', '.join(tags[:12]) or 'none'})") from None
-            raise _offline_error(full, e) from None
+            raise _offline_error(full, e, offline) from None
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-            raise _offline_error(full, e) from None
+            raise _offline_error(full, e, offline) from None
     cfg = timm.data.resolve_data_config({}, model=model)
     return model, Normalizer(cfg["mean"], cfg["std"]), int(cfg["input_size"][-1])
 
@@ -189,13 +193,18 @@ def _torchvision_backbone(name: str, weights: str) -> tuple[nn.Module, Normalize
     if weights == "":
         w = enum.DEFAULT
     elif weights != "none" and _is_file(weights):
-        state = _load_state(Path(weights).expanduser())
+        state = load_state(Path(weights).expanduser())
     elif weights != "none":
         try:
             w = enum[weights]
         except KeyError:
             raise ConfigError(f"[model] weights = {weights!r} is not a weights name of tv:{name} "
                               f"({', '.join(e.name for e in enum)})") from None
+    if w is not None:                # urllib waits without a timeout where nothing answers: ask first
+        from cnnlab.models.hub import reachable, unreachable_reason
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(w.url).path).name
+        if not cached.is_file() and not reachable(w.url):
+            raise _offline_error(f"tv:{name}", OSError("not in the local cache"), unreachable_reason(w.url))
     try:
         model = torchvision.models.get_model(name, weights=w)
     except Exception as e:  # noqa: BLE001
@@ -219,35 +228,9 @@ def _torchvision_backbone(name: str, weights: str) -> tuple[nn.Module, Normalize
 def _custom_backbone(spec: str, weights: str, args: dict) -> tuple[nn.Module, Normalizer | None, int]:
     """Your function's module; its normalizer is None when it declares no mean/std (the caller decides).
     Imports and calls whatever `spec` names: a config from a run folder goes through models.trust first."""
-    from cnnlab.models.trust import parse_entry
-    mod_name, fn_name = parse_entry(spec)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"[model] name = {spec!r}: cannot import {fn_name} from {mod_name} ({e})") from None
-    try:
-        model = fn(**args)
-    except CnnlabError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's code: any failure is one line naming it, not a traceback
-        raise ConfigError(f"[model] name = {spec!r}: {fn_name}({_call_args(args)}) raised "
-                          f"{type(e).__name__}: {_first_line(e)}") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"[model] name = {spec!r}: {fn_name}() returned {type(model).__name__}, not an nn.Module")
-    if weights not in ("", "none"):
-        try:
-            model.load_state_dict(_load_state(Path(weights).expanduser()))
-        except RuntimeError as e:
-            raise CnnlabError(f"[model] weights = {weights!r} does not fit {spec}: {str(e).splitlines()[0][:300]}") from None
+    from cnnlab.models.plugins import call_user_function, load_function
+    model = call_user_function(load_function(spec), args, f"[model] name = {spec!r}", weights)
     return (model, *_declared_preprocessing(model, spec))
-
-
-def _call_args(args: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in args.items())[:200]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:300]
 
 
 def _declared_preprocessing(model: nn.Module, spec: str) -> tuple[Normalizer | None, int]:
@@ -281,7 +264,8 @@ def _override_normalizer(norm: Normalizer | None, name: str, mean: list, std: li
     return Normalizer(list(mean) or norm.mean, list(std) or norm.std)
 
 
-def _load_state(path: Path) -> dict:
+def load_state(path: Path) -> dict:
+    """A state dict from a local weights file (.safetensors, or a torch file read with weights_only=True)."""
     if not path.is_file():
         raise CnnlabError(f"[model] weights = '{path}': file not found")
     if path.suffix == ".safetensors":
@@ -309,8 +293,9 @@ def create_backbone(name: str, weights: str = "", args: dict | None = None, mean
         try:
             num_features = model(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
         except Exception as e:  # noqa: BLE001 - a custom module's forward is the user's code
+            from cnnlab.models.plugins import first_line
             raise ConfigError(f"[model] name = {name!r}: its forward on a (1, 3, {size}, {size}) batch raised "
-                              f"{type(e).__name__}: {_first_line(e)}") from None
+                              f"{type(e).__name__}: {first_line(e)}") from None
         model.train(was)
     return model, num_features, norm, size
 

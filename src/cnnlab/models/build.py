@@ -15,12 +15,32 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
     """Returns (model, the backbone's own input normalizer or None, the image size the model sees).
 
     cnnlab's registered models see the stored images as they are (image_size); a backbone sees
-    [model] input_size, else its weights' own input size."""
+    [model] input_size, else its weights' own input size. A [model] layers list is built as written, and fed
+    as the registered models are."""
+    if cfg.layers:
+        from cnnlab.models.layers import build_layers
+        return build_layers(cfg.layers, num_classes, image_size), None, image_size
+    if cfg.module:                        # its @register_model nets, before the name is looked up
+        from cnnlab.models.plugins import import_module
+        import_module(cfg.module)
     if is_registered(cfg.name):
+        if cfg.kind == "backbone":
+            raise ConfigError(f"[model] kind = 'backbone': {cfg.name!r} is a registered net, a whole classifier; "
+                              f"kind applies to package.module:function (remove it)")
         if "image_size" in cfg.args:      # the data's size is what the model sees; a second one would disagree
             raise ConfigError(f"[model.args] image_size: {cfg.name!r} is built for the images' own size; "
                               f"remove it and set [data] image_size instead")
         return create_model(cfg.name, num_classes, image_size, **cfg.args), None, image_size
+    from cnnlab.models.trust import is_code
+    if is_code(cfg.name):                 # a whole classifier is built and fed as a registered net (models/custom.py)
+        from cnnlab.models.custom import build_code_classifier, code_kind
+        from cnnlab.models.plugins import load_function
+        fn = load_function(cfg.name)
+        if code_kind(cfg, fn) == "classifier":
+            return build_code_classifier(cfg, fn, num_classes, image_size), None, image_size
+    elif cfg.kind == "classifier":
+        raise ConfigError(f"[model] kind = 'classifier' is for package.module:function; {cfg.name!r} is a timm or "
+                          f"torchvision backbone (cnnlab puts a dense head on it): remove kind")
     from cnnlab.models.backbones import build_transfer_model
     return build_transfer_model(cfg, num_classes)
 

@@ -5,7 +5,7 @@ did not choose to run. cnnlab's registered models, timm names and `tv:` torchvis
 those libraries' own tables of constructors: loading them runs no code from the folder. A
 `package.module:function` backbone imports a module and calls a function that the folder's config.toml
 names: `os:system` with `[model.args] command = "..."` would run a shell command. So a folder's
-`module:function` is loaded only when the user says they trust it (`--trust-code`, `trust_code=True`, as
+`module:function`, or a `[model] module` to import, is loaded only when the user says they trust it (`--trust-code`, `trust_code=True`, as
 Hugging Face's `trust_remote_code`). A config the user runs themselves (`cnnlab run my.toml`) is trusted:
 they wrote it.
 """
@@ -57,6 +57,12 @@ def check_trusted(model_cfg: ModelConfig, trust_code: bool, where: str) -> None:
     """Before a model is rebuilt from a run folder: raises, importing nothing, unless the model is a library's
     (cnnlab, timm, torchvision) or the user trusts the folder's code. `where`: the folder's config.toml."""
     check_literals(model_cfg.args, where)
+    if model_cfg.module and not trust_code:
+        # importing a module runs its top-level code: the same say-so as a function
+        raise UntrustedCode(
+            f"{where}: [model] module = {model_cfg.module!r} is code: rebuilding this model imports it (for its "
+            f"@register_model net {model_cfg.name!r}). cnnlab runs code from a run folder only when you trust "
+            f"whoever made it: pass --trust-code (Python: trust_code=True)")
     if not is_code(model_cfg.name):
         return
     module, function = parse_entry(model_cfg.name, f"{where}: [model] name")

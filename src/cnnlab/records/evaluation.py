@@ -161,11 +161,13 @@ def most_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 10) -> list
             for count, rate, i, j in cells[:n]]
 
 
-def write_evaluation(folder: Path, ev: Evaluation, images: torch.Tensor | None, title: str = "") -> list[Path]:
+def write_evaluation(folder: Path, ev: Evaluation, images: torch.Tensor | None, title: str = "",
+                     heatmaps: list[np.ndarray] | None = None) -> list[Path]:
     """Writes per_class.csv, confused_pairs.csv, confusion.png and errors.png into `folder`; returns their paths.
 
     `images` is the split as a (N, C, H, W) tensor (uint8, or float scaled per image for display) indexed by
-    the errors' "index"; without it errors.png shows the captions only.
+    the errors' "index"; without it errors.png shows the captions only. `heatmaps`: per error, the image under
+    its Grad-CAM map of the predicted class (inference/explain.error_overlays), drawn beside it in errors.png.
     """
     folder = Path(folder)
     pairs = most_confused_pairs(ev.confusion, ev.classes)
@@ -173,7 +175,7 @@ def write_evaluation(folder: Path, ev: Evaluation, images: torch.Tensor | None, 
     _write_csv(paths[0], PER_CLASS_KEYS, ev.per_class)
     _write_csv(paths[1], PAIR_KEYS, pairs)
     _save(plot_confusion(ev.confusion, ev.classes, pairs, title), paths[2])
-    _save(plot_errors(ev.errors, images, title), paths[3])
+    _save(plot_errors(ev.errors, images, title, heatmaps), paths[3])
     return paths
 
 
@@ -306,8 +308,10 @@ def _caption(err: dict) -> str:
     return text if len(text) <= 42 else text.replace(" / ", " /\n", 1)
 
 
-def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = ""):
+def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = "",
+                heatmaps: list[np.ndarray] | None = None):
     """Grid (4 wide) of the most confident mistakes with their captions; captions alone without images.
+    With `heatmaps` (one (H, W, 3) uint8 picture per error) each image has its heatmap picture beside it.
 
     All tiles are drawn on one axes (an image per extent, a caption above it) rather than 16 subplots: the
     figure is the same, and building it takes a fraction of the time.
@@ -315,7 +319,9 @@ def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = ""
     ok = (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] in (1, 3)
           and all(0 <= e["index"] < images.shape[0] for e in errors))
     cols, rows = 4, max(1, math.ceil(len(errors) / 4))
-    cell_w, cell_h = 2.6, (2.8 if ok else 0.9)          # inches; captions alone need no room for a picture
+    paired = ok and heatmaps is not None and len(heatmaps) == len(errors)
+    # inches; captions alone need no room for a picture, two pictures side by side half the height of one
+    cell_w, cell_h = 2.6, (1.75 if paired else 2.8 if ok else 0.9)
     head = 0.5
     fig = Figure(figsize=(cell_w * cols, cell_h * rows + head), dpi=100)
     ax = fig.add_axes((0.0, 0.0, 1.0, cell_h * rows / (cell_h * rows + head)))
@@ -325,13 +331,16 @@ def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = ""
         img = _as_display(images[err["index"]]) if ok else None
         top = r * ch + 0.04
         if img is not None:
-            h, w = img.shape[:2]
-            side = 0.86
-            iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
-            bottom = (r + 1) * ch - 0.04
-            top = bottom - ih
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest",
-                      extent=(c + 0.5 - iw / 2, c + 0.5 + iw / 2, bottom, top))
+            pictures = [img, heatmaps[n]] if paired else [img]
+            side, bottom = 0.86 / len(pictures) - 0.02 * (len(pictures) - 1), (r + 1) * ch - 0.04
+            top = bottom
+            for j, pic in enumerate(pictures):
+                h, w = pic.shape[:2]
+                iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
+                x = c + 0.5 + (j - (len(pictures) - 1) / 2) * 0.45      # centre of picture j in the cell
+                top = min(top, bottom - ih)
+                ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None, interpolation="nearest",
+                          extent=(x - iw / 2, x + iw / 2, bottom, bottom - ih))
         else:
             top = r * ch + 0.55 * ch
             ax.text(c + 0.5, top + 0.04, f"image #{err['index']}", ha="center", va="top", fontsize=9, color="0.4")
@@ -342,5 +351,6 @@ def plot_errors(errors: list[dict], images: torch.Tensor | None, title: str = ""
     ax.set_ylim(rows * ch, 0)
     ax.set_aspect("auto")
     ax.axis("off")
-    fig.suptitle(f"{title} most confident errors".strip(), fontsize=11, y=1 - 0.15 / fig.get_figheight(), va="top")
+    what = " (right of each: Grad-CAM of the predicted class)" if paired else ""
+    fig.suptitle(f"{title} most confident errors{what}".strip(), fontsize=11, y=1 - 0.15 / fig.get_figheight(), va="top")
     return fig

@@ -34,4 +34,12 @@ def environment(device: torch.device, argv: list[str] | None = None) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "git_commit": git_commit(),
             "command": list(argv if argv is not None else sys.argv), "cwd": os.getcwd(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **slurm_task()}
+
+
+def slurm_task() -> dict:
+    """{'slurm': {...}} inside a Slurm job (which job, array task and node ran this run), else {}."""
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+            "node": "SLURMD_NODENAME", "partition": "SLURM_JOB_PARTITION", "cpus": "SLURM_CPUS_PER_TASK"}
+    found = {k: os.environ[v] for k, v in keys.items() if os.environ.get(v)}
+    return {"slurm": found} if "job_id" in found else {}

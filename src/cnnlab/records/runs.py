@@ -116,6 +116,8 @@ class Results:
     test_accuracy: float | None = None
     test_top5: float | None = None
     test_macro_f1: float | None = None
+    val_loss: float | None = None     # the reported weights' validation scores (their epoch's, in history)
+    val_accuracy: float | None = None
     seconds: float = 0.0
     train_images_per_second: float = 0.0
     reference_accuracy: float | None = None
@@ -132,6 +134,47 @@ class Results:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+# ---------------------------------------------------------------- where a run stands
+
+@dataclass
+class RunState:
+    """Where a run folder stands, from its files alone: results.json says how a run ended; a run without one was
+    killed, interrupted or is still training (its history and checkpoints say how far it got)."""
+    status: str                       # ok | diverged | failed | unfinished | not started
+    epochs_done: int                  # epochs in history.json (results.json's epochs_run once it ended)
+    epochs_max: int                   # [train] epochs (0 when the folder does not say)
+    checkpoints: list[str]            # the weight files present: "best", "last"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("ok", "diverged", "failed")
+
+    def describe(self) -> str:
+        """"ok", "unfinished (epoch 2/20)", "not started (no epoch finished)", ..."""
+        if self.status == "unfinished":
+            return f"unfinished (epoch {self.epochs_done}/{self.epochs_max or '?'})"
+        if self.status == "not started":
+            return "not started (no epoch finished, no checkpoint)"
+        return self.status
+
+
+def run_state(run: RunFolder) -> RunState:
+    import tomllib
+    results = run.read_results() or {}
+    checkpoints = [w for w in ("best", "last") if (run.checkpoints / f"{w}.pt").is_file()]
+    epochs_max = results.get("epochs_max") or 0
+    if not epochs_max and (run.path / "config.toml").is_file():
+        try:
+            epochs_max = int(tomllib.loads((run.path / "config.toml").read_text(encoding="utf-8"))
+                             .get("train", {}).get("epochs", 0))
+        except (tomllib.TOMLDecodeError, TypeError, ValueError):
+            epochs_max = 0                # a damaged config: loading it says what is wrong, not this
+    if results.get("status"):
+        return RunState(results["status"], int(results.get("epochs_run") or 0), epochs_max, checkpoints)
+    done = len(run.read_history())
+    return RunState("unfinished" if done or checkpoints else "not started", done, epochs_max, checkpoints)
 
 
 # ---------------------------------------------------------------- the recorder

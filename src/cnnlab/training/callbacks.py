@@ -293,7 +293,9 @@ class TrackerLogger(Callback):
 # ---------------------------------------------------------------- progress display
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch (a widget in notebooks, text in a terminal), refreshed ~8 times an epoch."""
+    """A tqdm bar while an epoch runs (a widget in notebooks, text in a terminal), refreshed ~8 times an epoch;
+    then, as Keras's fit does, one printed line with the epoch's metrics in its place. Printed, not the bar's
+    postfix: a terminal cuts a bar at its width (val_accuracy's value went first at 120 columns), a line wraps."""
 
     def __init__(self, label: str = ""):
         self.label, self.bar, self.i = label, None, 0
@@ -301,8 +303,9 @@ class ProgressBar(Callback):
     def on_epoch_start(self, trainer) -> None:
         from tqdm.auto import tqdm
         phase = " [head]" if trainer.phase == "head" else ""
-        self.bar = tqdm(total=trainer.train_size, unit="img", unit_scale=True, leave=True, dynamic_ncols=True,
-                        desc=f"{self.label}{phase} epoch {trainer.epoch + 1}/{trainer.cfg.epochs}".strip())
+        self.desc = f"{self.label}{phase} epoch {trainer.epoch + 1}/{trainer.cfg.epochs}".strip()
+        self.bar = tqdm(total=trainer.train_size, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
+                        desc=self.desc)
         self.i, self.refresh = 0, max(1, trainer.steps_per_epoch // 8)
 
     def on_batch_end(self, trainer, n: int, loss) -> None:
@@ -312,8 +315,10 @@ class ProgressBar(Callback):
         self.i += 1
 
     def on_epoch_end(self, trainer, logs: dict) -> None:
-        self.bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs})
+        from tqdm.auto import tqdm
         self.bar.close()
+        tqdm.write(f"{self.desc}: " + "  ".join(f"{k} {logs[k]:.4f}" for k in METRICS if k in logs) +
+                   f"  {logs['seconds']:.1f}s")
 
     def on_exception(self, trainer, exc) -> None:
         if self.bar is not None:
@@ -327,8 +332,11 @@ class PrintLogger(Callback):
         print(format_logs(logs, trainer.cfg.epochs), flush=True)
 
 
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def format_logs(logs: dict, epochs: int) -> str:
     parts = [f"epoch {logs['epoch']}/{epochs}"]
-    parts += [f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs]
+    parts += [f"{k} {logs[k]:.4f}" for k in METRICS if k in logs]
     parts.append(f"{logs['seconds']:.1f}s")
     return "  ".join(parts)

@@ -96,18 +96,21 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 
 # ---------------------------------------------------------------- the loss
 
-def batch_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, ...]:
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float,
+               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(summed loss to train on, summed loss to report, what predicts) for a batch's logits.
 
     Logits (N, M, K) are M networks trained side by side (airnet's `members`): the loss trained on is the sum
     of the members' own losses, so each member's gradient is the one it would get alone; the loss reported is
-    their mean, comparable with a single network's; the prediction is their mean probability."""
+    their mean, comparable with a single network's; the prediction is their mean probability.
+    `weight`: per-class weights ([train] class_weights): each image's loss times its class's weight, summed
+    (then divided by the batch size like any other loss: Keras's class_weight, not torch's weighted mean)."""
     if logits.ndim == 3:
         m = logits.shape[1]
-        total = F.cross_entropy(logits.flatten(0, 1).float(), y.repeat_interleave(m),
+        total = F.cross_entropy(logits.flatten(0, 1).float(), y.repeat_interleave(m), weight=weight,
                                 label_smoothing=label_smoothing, reduction="sum")
         return total, total.detach() / m, logits.detach().float().softmax(-1).mean(1)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+    loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
     return loss, loss.detach(), logits.detach()
 
 
@@ -130,6 +133,12 @@ class Trainer:
     # per-epoch validation scores the bare network: no extra passes per epoch, curves comparable across settings.
     test_flip: bool = False
     test_shift: int = 0
+    # [train] class_weights (training/weights.py): (K,) weights of the training loss only; the reported training
+    # loss is the weighted one, validation and test losses stay unweighted (as Keras's class_weight)
+    class_weight: torch.Tensor | None = None
+    # [data] sampler = "balanced" (data/sampler.py): each epoch's order from sampler.order(epoch) instead of a
+    # permutation; it depends on (seed, epoch) alone, so nothing of it goes into the checkpoint
+    sampler: object | None = None
 
     def __post_init__(self):
         self.preprocess = self.preprocess or Preprocess(0, 0)       # x/255, images as they are
@@ -137,6 +146,8 @@ class Trainer:
         # 'auto' on a bf16-capable CPU is measured per model: settled on the first batch's shape.
         self._precision_pending = precision_is_measured(self.cfg.precision, self.device)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        if self.class_weight is not None:
+            self.class_weight = self.class_weight.to(self.device, torch.float32)
         self.model.to(self.device, memory_format=self.memory_format)
         self.dist = distributed.info()
         if is_backbone_model(self.model):
@@ -224,7 +235,7 @@ class Trainer:
         n, bs = len(data), cfg.batch_size
         steps = math.ceil(n / bs)
         total_steps = steps * cfg.epochs
-        perm = torch.randperm(n, generator=self.shuffle_gen)
+        perm = self.sampler.order(self.epoch) if self.sampler else torch.randperm(n, generator=self.shuffle_gen)
         flips = self.epoch_flips(n, perm)
         sizes = [min(bs, n - i * bs) for i in range(steps)]            # global batch sizes
         parts = [self.dist.shard(size) for size in sizes]              # this rank's part of each
@@ -242,7 +253,7 @@ class Trainer:
                                flip=None if flips is None else flips[shards[i]])
             with autocast(self.device, self.bf16):
                 logits = model(xb)
-            train_sum, loss_sum_b, pred = batch_loss(logits, yb, cfg.label_smoothing)
+            train_sum, loss_sum_b, pred = batch_loss(logits, yb, cfg.label_smoothing, self.class_weight)
             loss = train_sum * (world / sizes[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -27,6 +27,7 @@ from torch import nn
 from cnnlab.training.callbacks import EarlyStopping
 from cnnlab.config import TrainConfig
 from cnnlab.training.engine import Batches, Trainer, fit
+from cnnlab.wording import plural
 
 PROBE_LR = 1e-3
 PROBE_BATCH = 64
@@ -48,7 +49,7 @@ def probe_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, tr_idx: torch.
     val_loss, val_acc = trainer.evaluate(val) if len(val) else (math.nan, math.nan)
     seconds = time.perf_counter() - t0
     if not quiet:
-        print(f"linear probe: {trainer.epoch} epochs on cached frozen features, val_accuracy {val_acc:.4f} "
+        print(f"linear probe: {plural(trainer.epoch, 'epoch')} on cached frozen features, val_accuracy {val_acc:.4f} "
               f"({seconds:.1f}s); fine-tuning starts from this head")
     return {"probe": {"epochs": trainer.epoch, "val_accuracy": val_acc, "val_loss": val_loss,
                       "seconds": round(seconds, 3)}}
