@@ -82,6 +82,15 @@ def test_measuring_leaves_weights_statistics_grads_and_random_streams_alone():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_a_training_step_is_timed_even_when_the_caller_is_under_no_grad():
+    """Scoring a run that never trained (a solved logistic head, epochs 0) settles precision inside
+    torch.no_grad: the timed backward must still have a graph."""
+    model = small_net()
+    with torch.no_grad():
+        assert devmod.step_seconds(model, (4, 3, 16, 16), CPU, bf16=False, train=True, reps=1) > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_trainer_settles_auto_on_the_first_batch_shape_and_trains_exactly_as_fp32(monkeypatch):
     """On a bf16-capable CPU where fp32 measures faster, an 'auto' run is the fp32 run, bit for bit:
     the measurement draws no random numbers and touches no state."""

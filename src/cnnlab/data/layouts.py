@@ -83,10 +83,14 @@ def _training_classes(folder: Path) -> tuple[list[str], dict[str, Path]]:
     folders = class_folders(folder)
     if not folders:
         raise DataError(f"imagefolder: no class folders in {folder}; expected {folder}/<class>/<image>")
-    for name, d in folders.items():
+    _no_empty_class(folders)
+    return sorted(folders), folders
+
+
+def _no_empty_class(folders: dict[str, Path]) -> None:
+    for d in folders.values():
         if not any(p for p in list_images(d) if not p.name.startswith(".")):
             raise DataError(f"imagefolder: class folder {d} has no images; add some or remove the folder")
-    return sorted(folders), folders
 
 
 def from_split_folders(root: Path, cfg: DataConfig) -> Layout:
@@ -101,6 +105,7 @@ def from_split_folders(root: Path, cfg: DataConfig) -> Layout:
         if stray:
             raise DataError(f"imagefolder: {folders[stray[0]]} is a class folder in {split}/ but not in train/ "
                             f"(train/ has {_names(classes)}); rename it to a training class or remove it")
+        _no_empty_class(folders)
         splits[split] = _list(folders, classes)
         if not len(splits[split][0]):
             raise DataError(f"imagefolder: no images in the class folders of {root / split}")

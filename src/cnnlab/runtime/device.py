@@ -102,10 +102,13 @@ def step_seconds(model: nn.Module, shape: tuple[int, ...], device: torch.device,
     try:
         for i in range(reps + 1):                # the first pass is a warm-up (oneDNN primitive creation)
             t0 = time.perf_counter()
-            with torch.set_grad_enabled(train), autocast(device, bf16):
-                out = model(x).float()
-            if train and out.requires_grad:
-                out.sum().backward()
+            # the backward inside the grad-enabled block: a caller under no_grad (scoring a run that never
+            # trained, e.g. a solved head) would otherwise get a loss without a graph
+            with torch.set_grad_enabled(train):
+                with autocast(device, bf16):
+                    out = model(x).float()
+                if train and out.requires_grad:
+                    out.sum().backward()
             if i:
                 best = min(best, time.perf_counter() - t0)
     finally:
