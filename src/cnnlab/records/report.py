@@ -20,7 +20,8 @@ from cnnlab.wording import plural
 
 # Keys that say where or how fast a run ran, not what it was: runs differing only there are seeds of one
 # experiment. [report] is the row's label and reference numbers, not its training.
-NOT_THE_EXPERIMENT = ("seed", "seeds", "device", "report", "tracking", "data.data_dir", "data.download",
+# a fold of a cross-validation is, like a seed, one more measurement of the same experiment
+NOT_THE_EXPERIMENT = ("seed", "seeds", "fold", "device", "report", "tracking", "data.data_dir", "data.download",
                       "data.memory_budget_mb", "train.threads", "train.deterministic", "train.eval_batch_size",
                       "train.checkpoint_every")
 
