@@ -13,7 +13,7 @@ import torch
 
 from cnnlab.config import from_dict
 from cnnlab.errors import DataError
-from cnnlab.experiments.folds import fold_indices, holdout
+from cnnlab.experiments.holdout import fold_indices, holdout
 
 from conftest import cli, synthetic_row
 
@@ -44,11 +44,11 @@ def test_a_class_smaller_than_k_is_one_line_with_the_k_that_works():
 def test_holdout_is_fold_i_and_says_which_data_keys_it_replaces():
     y = labels([20, 20])
     cfg = from_dict({"folds": 4, "fold": 2, "data": {"val_fraction": 0.3}})
-    tr, va, notes = holdout(y, cfg, ["a", "b"])
+    tr, va, notes = holdout(y, cfg.data, cfg.seed, cfg.folds, cfg.fold, ["a", "b"])
     assert torch.equal(va, fold_indices(y, 4, cfg.seed)[1][1]) and len(va) == 10
     (note,) = notes
     assert "val_fraction = 0.3 not used" in note and "fold 2" in note
-    plain_tr, plain_va, plain_notes = holdout(y, from_dict({"data": {"val_fraction": 0.25}}), ["a", "b"])
+    plain_tr, plain_va, plain_notes = holdout(y, from_dict({"data": {"val_fraction": 0.25}}).data, 0)
     assert len(plain_va) == 10 and plain_notes == []
 
 

@@ -17,45 +17,11 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from cnnlab.config import Config, DataConfig
-from cnnlab.errors import DataError
+from cnnlab.config import Config
 from cnnlab.records.io import atomic_write, write_json
 from cnnlab.records.runs import RunFolder
 
 SUMMARY = "folds.json"
-DEFAULT_VAL = DataConfig()        # what [data] holds out when a config says nothing
-
-
-def fold_indices(y: torch.Tensor, folds: int, seed: int, classes: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(train positions, validation positions)] of each fold, sorted, as int64 tensors into `y`."""
-    from sklearn.model_selection import StratifiedKFold
-    labels = y.detach().cpu().numpy()
-    values, counts = np.unique(labels, return_counts=True)
-    if counts.min(initial=folds) < folds:
-        c = int(values[counts.argmin()])
-        name = classes[c] if classes else f"class {c}"
-        raise DataError(f"folds = {folds}: {name} has only {counts.min()} training images, but each of the {folds} "
-                        f"folds validates on some of every class; use --folds {max(2, int(counts.min()))} or fewer, "
-                        f"or more images of that class")
-    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
-    return [(torch.from_numpy(np.sort(tr)).long(), torch.from_numpy(np.sort(va)).long()) for tr, va in split]
-
-
-def holdout(y: torch.Tensor, cfg: Config, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(train, validation) positions of this run and a note on the [data] keys folds replace: fold `cfg.fold`
-    of `cfg.folds`, or [data] val_fraction / val_split as usual."""
-    from cnnlab.data import split_train_val
-    if not cfg.folds:
-        return (*split_train_val(y, cfg.data.val_fraction, cfg.data.val_split, cfg.seed), [])
-    tr, va = fold_indices(y, cfg.folds, cfg.seed, classes)[max(cfg.fold, 1) - 1]
-    d = cfg.data
-    given = [f"{k} = {getattr(d, k)!r}" for k in ("val_fraction", "val_split") if getattr(d, k) != getattr(DEFAULT_VAL, k)]
-    notes = [f"[data] {' and '.join(given)} not used: with folds = {cfg.folds} the validation split is fold "
-             f"{max(cfg.fold, 1)}, 1/{cfg.folds} of the training split, stratified"] if given else []
-    return tr, va, notes
 
 
 def fold_configs(cfg: Config) -> list[Config]:
@@ -69,13 +35,13 @@ def fold_folder_name(cfg: Config, seeds: int) -> str:
     return (f"seed{cfg.seed}-" if seeds > 1 else "") + f"fold-{cfg.fold}"
 
 
-def run_folds(cfg: Config, runs_dir: str | Path, *, source: str, progress: str = "bar", argv: list[str] | None = None,
-              callbacks: list = (), seeds: int | None = None) -> list:
-    """Every fold of every seed into one parent folder, then folds.json / folds.md and one summary line."""
+def run_folds(cfg: Config, seeded: list[Config], runs_dir: str | Path, *, source: str, progress: str = "bar",
+              argv: list[str] | None = None, callbacks: list = ()) -> list:
+    """Every fold of every seed's config (`seeded`: cfg once per seed) into one parent folder, then folds.json /
+    folds.md and one summary line."""
     from cnnlab.experiments.run import run_experiment
-    from cnnlab.experiments.seeds import seed_configs
     from cnnlab.runtime import distributed
-    configs = [f for s in seed_configs(cfg, seeds) for f in fold_configs(s)]
+    configs = [f for s in seeded for f in fold_configs(s)]
     n_seeds = len({c.seed for c in configs})
     main = distributed.init_from_env().is_main
     parent = RunFolder.create(runs_dir, f"{cfg.name}-folds").path if main else None

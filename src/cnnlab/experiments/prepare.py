@@ -17,7 +17,8 @@ from cnnlab.data import Dataset, train_val_split
 from cnnlab.data.preprocess import Normalizer, Preprocess
 from cnnlab.data.stream import rows_of
 from cnnlab.errors import ConfigError
-from cnnlab.experiments import folds, frozen
+from cnnlab.experiments import frozen
+from cnnlab.experiments.holdout import holdout
 from cnnlab.experiments.plan import DataCache, Plan, Splits, choose_normalizer, place_splits, split_warnings
 from cnnlab.models import summary
 from cnnlab.models.build import build_model
@@ -46,8 +47,9 @@ def prepare(cfg: Config, *, source: str = "<config>", progress: str = "bar", dat
         raise ConfigError(f"{source}: [augment] test_shift = {cfg.augment.test_shift} is not smaller than the "
                           f"{size}px images; use 1 or 2 pixels")
     table = summary(model, (3, size, size))
-    tr_idx, va_idx, fold_notes = folds.holdout(ds.y_train, cfg, list(ds.classes))    # [data] val_fraction, or a fold
-    if not cfg.folds:           # an image folder's val/, or val_fraction (a Keras 'last' becomes stratified there)
+    if cfg.folds:               # one fold of a K-fold cross-validation over the training split
+        tr_idx, va_idx, fold_notes = holdout(ds.y_train, cfg.data, cfg.seed, cfg.folds, cfg.fold, list(ds.classes))
+    else:                       # an image folder's val/, or val_fraction (a Keras 'last' becomes stratified there)
         tr_idx, va_idx, fold_notes = train_val_split(ds, cfg.data, cfg.seed)
     norm = choose_normalizer(cfg.train.normalize, rows_of(ds.x_train, ds.files.get("x_train"), tr_idx),
                              backbone_norm, source)

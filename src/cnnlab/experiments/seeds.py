@@ -25,7 +25,8 @@ def run_seeds(cfg: Config, runs_dir: str | Path, *, source: str, progress: str =
     With `folds = K` (experiments/folds.py): K runs per seed, under one parent folder with their summary."""
     if cfg.folds and not cfg.fold:
         from cnnlab.experiments.folds import run_folds
-        return run_folds(cfg, runs_dir, source=source, progress=progress, argv=argv, callbacks=callbacks, seeds=seeds)
+        return run_folds(cfg, seed_configs(cfg, seeds), runs_dir, source=source, progress=progress, argv=argv,
+                         callbacks=callbacks)
     outcomes = [run_experiment(c, runs_dir, source=source, progress=progress, argv=argv, callbacks=list(callbacks))
                 for c in seed_configs(cfg, seeds)]
     if len(outcomes) > 1 and outcomes[0].path is not None:

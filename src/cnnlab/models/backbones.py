@@ -28,6 +28,7 @@ from torch import nn
 from cnnlab.data.preprocess import Normalizer
 from cnnlab.models.parts import BackboneModel
 from cnnlab.config import ModelConfig
+from cnnlab.models.weights import load_state
 from cnnlab.errors import CnnlabError, ConfigError
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
@@ -262,17 +263,6 @@ def _override_normalizer(norm: Normalizer | None, name: str, mean: list, std: li
                       f"or [model] mean = [...] and std = [...]", PreprocessingWarning, stacklevel=3)
     norm = norm or Normalizer(IMAGENET_MEAN, IMAGENET_STD)
     return Normalizer(list(mean) or norm.mean, list(std) or norm.std)
-
-
-def load_state(path: Path) -> dict:
-    """A state dict from a local weights file (.safetensors, or a torch file read with weights_only=True)."""
-    if not path.is_file():
-        raise CnnlabError(f"[model] weights = '{path}': file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 
 def create_backbone(name: str, weights: str = "", args: dict | None = None, mean: list | tuple = (),

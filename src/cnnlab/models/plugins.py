@@ -139,7 +139,7 @@ def call_user_function(fn: Callable, kwargs: dict, where: str, weights: str) -> 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{where}: {fn.__name__}() returned {type(model).__name__}, not an nn.Module")
     if weights not in ("", "none"):
-        from cnnlab.models.backbones import load_state
+        from cnnlab.models.weights import load_state
         try:
             model.load_state_dict(load_state(Path(weights).expanduser()))
         except RuntimeError as e:
