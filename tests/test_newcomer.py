@@ -269,3 +269,22 @@ def test_a_label_or_reference_that_no_longer_applies_is_marked(tmp_path):
                             "instead of cifar100, classes 10 instead of 25)) |")
     assert "| 0.4068 (not comparable) | ok |" in short
     assert "## Rows that are no longer their packaged recipe" in report
+
+
+def test_a_users_file_based_on_a_recipe_is_marked_when_it_changes_the_data_but_not_when_it_relabels(tmp_path):
+    """`base = "practice/03_adam20"` in a user's file inherits the recipe's label and reference accuracy: on other
+    data they no longer apply. A file that sets its own [report] label owns it."""
+    from cnnlab.config import load_config
+    from cnnlab.records.report import build_report
+    inherits = tmp_path / "imbalanced.toml"
+    inherits.write_text('base = "practice/03_adam20"\nname = "imb"\n[data]\nsource = "cifar10"\nclasses = 0\n')
+    relabels = tmp_path / "mine.toml"
+    relabels.write_text('base = "practice/03_adam20"\nname = "mine"\n[data]\nsource = "cifar10"\nclasses = 0\n'
+                        '[report]\nlabel = "my BaseNet on CIFAR-10"\nreference_accuracy = 0.5\n')
+    data = "cifar10: 50000 train / 10000 test images, 10 classes, 32x32"
+    _run_folder(tmp_path / "runs", 1, load_config(inherits), 0.45, data, inherits)
+    _run_folder(tmp_path / "runs", 2, load_config(relabels), 0.46, data, relabels)
+    first, second = _table_rows(build_report(tmp_path / "runs"))
+    assert first.startswith("| BaseNet, Adam, 20 epochs (other data (source cifar10 instead of cifar100, classes 0 "
+                            "instead of 25)) |") and "| 0.4068 (not comparable) |" in first
+    assert second.startswith("| my BaseNet on CIFAR-10 |") and "| 0.5000 |" in second

@@ -116,25 +116,22 @@ def data_of(run: RunFolder) -> str:
 def recipe_notes(run: RunFolder, key: dict[str, str]) -> list[str]:
     """Where a run made from a packaged recipe (meta.json's source) is no longer that recipe: its label ("BaseNet,
     Adam, 20 epochs") and the practice's reference numbers were written for the recipe, not for this run."""
-    from cnnlab.configs import ROOT
-    meta = read_json(run.path / "meta.json") if (run.path / "meta.json").is_file() else {}
-    source = Path(meta.get("source") or "")
-    try:
-        packaged = source.is_file() and source.resolve().is_relative_to(ROOT.resolve())
-    except OSError:
-        packaged = False
-    if not packaged:
-        return []
     from cnnlab.config import load_config, to_dict
     from cnnlab.errors import CnnlabError
+    meta = read_json(run.path / "meta.json") if (run.path / "meta.json").is_file() else {}
+    source = packaged_recipe(Path(meta.get("source") or ""))
+    if source is None:
+        return []
     try:
         recipe_cfg = load_config(source)
     except CnnlabError:                   # a recipe this version no longer reads: nothing to compare with
         return []
+    if not _inherits_report(run, recipe_cfg):
+        return []                         # the run's own label and reference: its author's to keep true
     recipe = to_dict(recipe_cfg)
     recipe["train"]["lr"] = recipe_cfg.train.effective_lr       # as config.toml records an omitted lr
     recipe = {k: v for k, v in _flat(recipe).items() if k in key}   # keys an older run lacks: not a difference
-    changed = [k for k in recipe if recipe[k] != key[k]]
+    changed = [k for k in recipe if recipe[k] != key[k] and k != "name"]     # a recipe renamed is still it
     if not changed:
         return []
     notes = []
@@ -150,6 +147,37 @@ def recipe_notes(run: RunFolder, key: dict[str, str]) -> list[str]:
         notes.append("changed: " + ", ".join(f"{k} = {json.loads(key[k])} (recipe {json.loads(recipe[k])})"
                                             for k in rest[:3]) + (", ..." if len(rest) > 3 else ""))
     return notes
+
+
+def packaged_recipe(source: Path, depth: int = 8) -> Path | None:
+    """The packaged recipe a run's config file is, or starts from through its `base` chain (a user's file with
+    `base = "practice/03_adam20"` inherits that recipe's label and reference numbers); None when neither."""
+    from cnnlab.config import _resolve_base, read_toml
+    from cnnlab.configs import ROOT
+    from cnnlab.errors import CnnlabError
+    for _ in range(depth):
+        try:
+            if not source.is_file():
+                return None
+            if source.resolve().is_relative_to(ROOT.resolve()):
+                return source
+            base = read_toml(source).get("base")
+            if not isinstance(base, str):
+                return None
+            source = _resolve_base(base, source)
+        except (OSError, CnnlabError):
+            return None
+    return None
+
+
+def _inherits_report(run: RunFolder, recipe) -> bool:
+    """Whether the run's [report] label and reference are the recipe's (not set by the user's own file)."""
+    try:
+        report = tomllib.loads((run.path / "config.toml").read_text(encoding="utf-8")).get("report", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return True
+    ours, theirs = report.get("reference_accuracy", math.nan), recipe.report.reference_accuracy
+    return report.get("label", "") == recipe.report.label and (ours == theirs or math.isnan(ours) and math.isnan(theirs))
 
 
 def _titles(groups: list[Group]) -> None:
