@@ -377,3 +377,19 @@ def test_best_runs_end_to_end_with_its_own_recipe(tmp_path):
     assert res["test_accuracy"] > 0.3          # 10 classes: chance is 0.1
     cfg = load_config(run.path / "config.toml")
     assert cfg.augment.test_flip and cfg.augment.test_shift == 1 and cfg.model.args == {"widths": [32, 96, 160]}
+
+
+def test_a_file_named_like_its_packaged_base_is_not_its_own_base(tmp_path):
+    """`best.toml` with base = "best" (a tuned copy of the recipe, named after it) means the packaged recipe,
+    not a cycle of one file; a real cycle of two files is still one clear error."""
+    mine = tmp_path / "best.toml"
+    mine.write_text('base = "best"\nname = "my_best"\n[train]\nepochs = 3\n')
+    cfg = load_config(mine)
+    from cnnlab.configs import config_file
+    packaged = load_config(config_file("best"))
+    assert (cfg.name, cfg.train.epochs) == ("my_best", 3)
+    assert cfg.train.lr == packaged.train.lr and cfg.model.name == packaged.model.name
+    (tmp_path / "a.toml").write_text('base = "b"\n')
+    (tmp_path / "b.toml").write_text('base = "a"\n')
+    with pytest.raises(ConfigError, match="makes a cycle of configs"):
+        load_config(tmp_path / "a.toml")

@@ -561,7 +561,8 @@ def read_with_base(path: str | Path, _seen: tuple = ()) -> dict:
 
 def _resolve_base(base: str, including: Path) -> Path:
     for cand in (including.parent / base, including.parent / f"{base}.toml"):
-        if cand.is_file():
+        # a file never bases itself: `best.toml` with base = "best" means the packaged recipe of that name
+        if cand.is_file() and cand.resolve() != including.resolve():
             return cand
     from cnnlab.configs import config_file
     try:
