@@ -144,6 +144,35 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         load_checkpoint(evil)
 
 
+def test_a_signal_during_a_checkpoint_write_is_handled_once_it_is_written(tmp_path, monkeypatch):
+    """Slurm's warning signal (submitit's handler requeues, then sys.exit) or Ctrl-C arriving inside torch.save
+    must not leave torch's zip writer half-way (its own RuntimeError then replaced the exit, and a requeued task
+    reported itself failed): the handler runs after the write, and the checkpoint on disk is whole."""
+    from cnnlab.records.io import save_checkpoint
+    real_save, calls = torch.save, []
+
+    def save_interrupted(obj, f, *args, **kwargs):     # the signal comes while the checkpoint is being written
+        signal.raise_signal(signal.SIGUSR2)
+        calls.append("saved")
+        return real_save(obj, f, *args, **kwargs)
+
+    def requeue_and_exit(signum, frame):
+        calls.append("handler")
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    try:
+        with pytest.raises(SystemExit):
+            save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.arange(5.0)}, "epoch": 3})
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == ["saved", "handler"]
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 3 and state["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert signal.getsignal(signal.SIGUSR2) is previous and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_run_folders_never_collide(tmp_path):
     made = []
 

@@ -10,7 +10,9 @@ import json
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -69,8 +71,40 @@ def read_json(path: Path):
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
-    with atomic_write(path, "wb") as f:
+    with _signals_held(), atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+# Signals whose Python handlers raise: Ctrl-C (KeyboardInterrupt), and the warning Slurm sends before a time limit
+# or a preemption (submitit's handler requeues the task, then calls sys.exit).
+_HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
+@contextmanager
+def _signals_held():
+    """Signals that arrive during a checkpoint write are handled once it is written.
+
+    An exception raised by a handler inside torch.save (its pickler runs Python code) leaves torch's zip writer
+    half-way, and closing it raises its own RuntimeError ("unexpected pos ...") in place of the SystemExit or
+    KeyboardInterrupt: a requeued Slurm task then reported itself as failed. Held, the handler runs after the
+    rename, with a complete checkpoint on disk. Python handlers run in the main thread only: elsewhere, as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    previous = {}
+    for signum in _HELD:
+        handler = signal.getsignal(signum)
+        if callable(handler):           # a Python handler; SIG_DFL / SIG_IGN are the OS's and never raise here
+            previous[signum] = handler
+            signal.signal(signum, lambda n, frame: pending.append((n, frame)))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum, frame in pending:
+            previous[signum](signum, frame)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
