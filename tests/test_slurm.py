@@ -249,3 +249,57 @@ def test_a_job_slurm_can_never_start_is_cancelled_with_one_error(tmp_path):
     job = line.split("start job ")[1].split()[0]
     queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True).stdout
     assert "PENDING" not in queued and "RUNNING" not in queued, queued
+
+
+class _Clock:
+    """time.time / time.sleep for launch._watch: sleeping moves the clock, nothing waits."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+def _scripted_watch(tmp_path, monkeypatch, listed):
+    """Run launch._watch on one task whose squeue answers are `listed(t)` (t: seconds since submission);
+    returns (outcome, seconds waited)."""
+    from types import SimpleNamespace
+    clock = _Clock()
+    monkeypatch.setattr(launch, "time", clock)
+    monkeypatch.setattr(launch, "_accounted_state", lambda job_id: None)
+    monkeypatch.setattr(launch, "_squeue", lambda array: {"5_0": ("RUNNING", "None")} if listed(clock.now - 1000) else {})
+    (tmp_path / "5_0_log.out").write_text("started\n")
+    job = SimpleNamespace(job_id="5_0", paths=SimpleNamespace(result_pickle=tmp_path / "5_0_result.pkl",
+                                                             stdout=tmp_path / "5_0_log.out"))
+    for _, _, outcome in launch._watch([("row", job)], "5"):
+        return outcome, clock.now - 1000
+    raise AssertionError("_watch ended without an outcome")
+
+
+def test_a_task_missing_from_one_squeue_answer_is_not_lost(tmp_path, monkeypatch):
+    """A requeued task is briefly not listed (and squeue is asked only every 30 s late in a job): it is lost only
+    when squeue, asked LOST_AFTER_S after it first missed the task, still misses it."""
+    # listed, except in the first answer after 60 s (a requeue), then listed until the result appears at 200 s
+    missed = []
+
+    def listed(t):
+        if t >= 200:
+            (tmp_path / "5_0_result.pkl").write_bytes(b"")
+        if t >= 60 and not missed:
+            missed.append(t)
+            return False
+        return True
+    monkeypatch.setattr(launch, "_result", lambda job: True)
+    outcome, waited = _scripted_watch(tmp_path, monkeypatch, listed)
+    assert missed and outcome is True and waited >= 200, (missed, outcome, waited)
+
+
+def test_a_task_gone_from_squeue_is_lost_soon_after_lost_after_s(tmp_path, monkeypatch):
+    outcome, waited = _scripted_watch(tmp_path, monkeypatch, lambda t: t < 100)
+    assert outcome.startswith("left the queue without a result"), outcome
+    # first missed at the first answer after 100 s (answers are at most SQUEUE_MAX_S apart), lost one answer later
+    assert 100 + launch.LOST_AFTER_S < waited <= 100 + launch.SQUEUE_MAX_S + launch.LOST_AFTER_S + 3, waited

@@ -270,14 +270,22 @@ def _watch(submitted: list, array_id: str):
     items = {job.job_id: item for item, job in submitted}
     gone_since: dict[str, float] = {}
     next_squeue, queued, q, last_line = start + 2, {}, None, None   # q None: squeue not asked yet, or it failed
+    asked = None                       # when squeue last answered
     never_seen = 0                     # squeue calls in a row that said a task can never start
     while pending:
         now = time.time()
         if now >= next_squeue:
             q = _squeue(array_id)
             if q is not None:
-                queued = q
+                queued, asked = q, now
+                for job_id in pending:     # a task is gone from the time the first answer did not list it
+                    if job_id in queued:
+                        gone_since.pop(job_id, None)
+                    else:
+                        gone_since.setdefault(job_id, now)
             next_squeue = now + min(SQUEUE_MAX_S, max(2.0, (now - start) / 2))
+            if gone_since:             # ask again once a gone task could count as lost, not up to 30 s later
+                next_squeue = min(next_squeue, max(now + POLL_S, min(gone_since.values()) + LOST_AFTER_S + POLL_S))
             states = [queued.get(j, ("", ""))[0] for j in pending]
             running, waiting = states.count("RUNNING"), sum(s in ("PENDING", "REQUEUED", "CONFIGURING") for s in states)
             line = f"slurm job {array_id}: {running} running, {waiting} pending, {len(submitted) - len(pending)} done"
@@ -294,9 +302,9 @@ def _watch(submitted: list, array_id: str):
             outcome = None
             if job.paths.result_pickle.exists():
                 outcome = _result(job)
-            elif job_id in queued or q is None:
-                gone_since.pop(job_id, None)
-            elif now - gone_since.setdefault(job_id, now) > LOST_AFTER_S:
+            elif job_id in gone_since and asked - gone_since[job_id] > LOST_AFTER_S:
+                # lost only when squeue, asked more than LOST_AFTER_S after it first missed the task, still misses
+                # it: a requeued task leaves the list for a moment, and a result file can lag on a shared disk
                 state = _accounted_state(job_id)
                 if state:
                     outcome = f"ended {state} without a result"
