@@ -168,6 +168,24 @@ def test_cifar100_extracted_folder_md5_mismatch_warns_but_reads(tmp_path):
     assert ds.classes == info["names"]
 
 
+def test_a_folder_read_again_in_one_process_warns_once(tmp_path):
+    """A suite, seeds or --folds read one folder many times: one md5 check, one warning; a rewritten file is
+    checked again."""
+    import warnings
+    make_cifar100_folder(tmp_path / "d")
+    cfg = DataConfig(source="cifar100", data_dir=str(tmp_path / "d"), classes=0, download=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            load_dataset(cfg, quiet=True)
+        assert sum("differ from the official" in str(w.message) for w in seen) == 1
+        meta = tmp_path / "d" / "cifar-100-python" / "meta"
+        meta.write_bytes(meta.read_bytes())            # rewritten: a new mtime
+        os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))
+        load_dataset(cfg, quiet=True)
+    assert sum("differ from the official" in str(w.message) for w in seen) == 2
+
+
 def test_cifar100_class_selection_by_index_and_name(tmp_path):
     info = make_cifar100_folder(tmp_path / "d")
     base = dict(source="cifar100", data_dir=str(tmp_path / "d"), download=False)

@@ -86,9 +86,17 @@ def locate(spec: CifarSpec, cfg: DataConfig, quiet: bool = False) -> Path:
     return folder
 
 
+# The files whose md5 sums this process has checked, by path, size and mtime: a suite, seeds or --folds read one
+# folder many times, and that is one check and one warning (a file rewritten since is checked again).
+_CHECKED: set[tuple] = set()
+
+
 def read(spec: CifarSpec, folder: Path):
     files = {**spec.train, **spec.test, spec.meta[0]: spec.meta[1]}
-    mismatched = [f for f, md5 in files.items() if md5sum(folder / f) != md5]
+    stamp = tuple((str((folder / f).resolve()), (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns)
+                  for f in files)
+    mismatched = [] if stamp in _CHECKED else [f for f, md5 in files.items() if md5sum(folder / f) != md5]
+    _CHECKED.add(stamp)
     if mismatched:
         warnings.warn(f"{spec.title}: {', '.join(mismatched)} in {folder} differ from the official files "
                       f"(md5); reading them anyway (a re-encoded or locally made copy)", stacklevel=2)
