@@ -102,6 +102,43 @@ def test_tune_chooses_on_validation_and_scores_test_once(tmp_path, monkeypatch):
     assert trained["status"] == "ok" and trained["val_accuracy"] == pytest.approx(float(best["value"]))
 
 
+
+def test_processes_finishing_one_study_at_once_score_test_once(tmp_path, monkeypatch):
+    """Two workers that end a study together (`--jobs`, or two `tune --resume` on one storage) both write the
+    study's outputs; the test split is still scored once (a lock on the study folder)."""
+    import threading
+    import time
+
+    import cnnlab.records.evaluation as evaluation
+    from cnnlab.tuning import study as studies
+    from cnnlab.tuning.outputs import write_outputs
+    cfg, runs = _config(tmp_path), tmp_path / "runs"
+    proc = cli(["tune", cfg, "--trials", 2, "--runs-dir", runs], tmp_path / "home")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    folder = _study(runs)
+    summary = json.loads((folder / "study.json").read_text())
+    summary.pop("test")                          # as if the last trial had just ended: not scored yet
+    (folder / "study.json").write_text(json.dumps(summary))
+    scored = []
+    real = evaluation.evaluate_logits
+
+    def slow(logits, y, classes):                # a wide window for the two workers to overlap in
+        scored.append(len(y))
+        time.sleep(1.0)
+        return real(logits, y, classes)
+    monkeypatch.setattr(evaluation, "evaluate_logits", slow)
+    spec = studies.read_spec(folder)
+    out = []
+    workers = [threading.Thread(target=lambda: out.append(write_outputs(studies.load(spec, spec["storage"]), folder,
+                                                                        score_test=True))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert scored == [100], scored
+    assert len(out) == 2 and out[0]["test"] == out[1]["test"] and out[0]["test"]["n"] == 100
+    assert json.loads((folder / "study.json").read_text())["test"] == out[0]["test"]
+
 def test_python_api_and_a_pruned_trial_is_recorded_as_pruned(tmp_path):
     """cnnlab.tune with a scripted pruner that prunes trial 1 after its first epoch: Optuna and the run folder
     both record it as pruned, and the study still counts 3 finished trials."""

@@ -34,7 +34,14 @@ def write_outputs(study, study_dir: Path, score_test: bool) -> dict:
                            "run": best.user_attrs.get("run")}
         write_best_toml(study_dir, best, spec)
         if score_test:
-            summary["test"] = score_best_on_test(study_dir, best, spec.get("test"))
+            # Several processes or nodes can finish one study at once: the one holding the lock scores the test
+            # split and writes study.json; the others find that score there (read again under the lock).
+            from filelock import FileLock
+            with FileLock(str(study_dir / "study.lock")):
+                summary["test"] = score_best_on_test(study_dir, best, read_spec(study_dir).get("test"))
+                summary["complete"] = True
+                write_json(study_dir / STUDY_FILE, summary)
+            return summary
     summary["complete"] = bool(score_test)
     write_json(study_dir / STUDY_FILE, summary)
     return summary
