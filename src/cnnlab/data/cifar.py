@@ -93,8 +93,8 @@ _CHECKED: set[tuple] = set()
 
 def read(spec: CifarSpec, folder: Path):
     files = {**spec.train, **spec.test, spec.meta[0]: spec.meta[1]}
-    stamp = tuple((str((folder / f).resolve()), (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns)
-                  for f in files)
+    stats = {f: (folder / f).stat() for f in files}
+    stamp = tuple((str((folder / f).resolve()), st.st_size, st.st_mtime_ns) for f, st in stats.items())
     mismatched = [] if stamp in _CHECKED else [f for f, md5 in files.items() if md5sum(folder / f) != md5]
     _CHECKED.add(stamp)
     if mismatched:
